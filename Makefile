@@ -10,7 +10,7 @@ PROFILE ?= smoke
 # Data sets are built into ./data (git-ignored) unless MMEBM_DATA_DIR says otherwise.
 export MMEBM_DATA_DIR ?= $(CURDIR)/data
 
-.PHONY: setup data reproduce test export clean-nbs check-source lab
+.PHONY: setup data train bench reproduce test export clean-nbs check-source lab
 .DEFAULT_GOAL := help
 
 help:
@@ -30,6 +30,12 @@ setup: $(BIN)/.mmebm-installed
 
 data: setup
 	$(BIN)/mmebm data build
+
+train: data
+	$(BIN)/mmebm train --profile $(PROFILE)
+
+bench: setup
+	$(BIN)/mmebm bench --profile $(PROFILE)
 
 reproduce: data
 	@echo "reproduce (profile $(PROFILE)): data is built (see above)."
