@@ -42,8 +42,9 @@ bench: setup
 
 reproduce: data
 	@echo "reproduce (profile $(PROFILE)): data is built (see above)."
-	@echo "Next, once the method, evaluation and reproduce notebooks land: train the $(PROFILE) runs, score them,"
-	@echo "and execute reproduce/*.ipynb with papermill into results/$(PROFILE)/. Nothing else to run yet."
+	@echo "Next, once the reproduce notebooks land: train the $(PROFILE) runs, score them, and execute"
+	@echo "reproduce/*.ipynb with papermill into results/$(PROFILE)/. Until then, by hand:"
+	@echo "  make train PROFILE=$(PROFILE)   then   .venv/bin/mmebm eval runs/<run>"
 
 # The notebooks are the source: mmebm/ must be exactly what they export, and they must be nbdev-clean.
 check-source: setup
