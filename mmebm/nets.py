@@ -8,7 +8,6 @@ from __future__ import annotations
 import math
 import torch
 from torch import nn
-import torch.nn.functional as F
 from torch.nn.utils.parametrizations import spectral_norm
 
 # %% auto #0

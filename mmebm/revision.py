@@ -7,7 +7,6 @@ the order G -> I -> E."""
 from __future__ import annotations
 import math, time
 from contextlib import nullcontext
-from dataclasses import dataclass
 from typing import Sequence
 import torch
 from .model import MMEBM, frozen

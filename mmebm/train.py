@@ -6,7 +6,7 @@ and time budgets, a CSV log, atomic checkpoints that resume exactly, the diverge
 # %% ../nbs/05_train.ipynb #7c533cfb
 from __future__ import annotations
 import csv, dataclasses, hashlib, inspect, json, math, os, platform, random, subprocess, time
-from dataclasses import dataclass, asdict, field
+from dataclasses import dataclass, asdict
 from pathlib import Path
 import numpy as np
 import torch
