@@ -72,9 +72,11 @@ def _bench(a):
 def _eval(a):
     from mmebm import metrics
     res = metrics.evaluate(a.run, n_coherence=a.n, n_fid=a.n_fid, n_inception=a.n_inception,
-                           inception_weights=a.inception_weights, inception_route=a.inception_route, progress=not a.quiet)
+                           inception_weights=a.inception_weights, inception_route=a.inception_route,
+                           inception_conditional=not a.no_inception_conditional, classifiers=a.classifiers,
+                           subsets=a.subsets, progress=not a.quiet)
     acc = ", ".join(f"{k} {v:.4f}" for k, v in res["classifiers"]["accuracy"].items())
-    print(f"classifier test accuracy: {acc}")
+    print(f"classifiers: {res['classifiers']['which']}; test accuracy: {acc}")
     coh = res["coherence"]
     if "unavailable" in coh: print(f"coherence: not reported ({coh['unavailable']})")
     else:
@@ -82,11 +84,12 @@ def _eval(a):
             c = coh[f"conditional_{kind}"]
             print(f"coherence ({kind}): single-source {c['single_source_mean']:.3f}, by |S| "
                   + ", ".join(f"{k}: {v:.3f}" for k, v in c["by_size"].items()) + f"; unconditional {coh[f'unconditional_{kind}']:.3f}")
-    for kind in ("generator", "ebm"):
-        print(f"classifier-feature FID ({kind}, n={res['fid_classifier']['n']}): mean {res['fid_classifier'][f'unconditional_{kind}']['mean']:.2f}")
-    fi = res["fid_inception"]
-    print("Inception FID: " + (f"not reported ({fi['unavailable']})" if "unavailable" in fi else
-          f"{fi['route']} route, n={fi['n']}: generator {fi['unconditional_generator']['mean']:.1f}, ebm {fi['unconditional_ebm']['mean']:.1f}"))
+    def fids(name, f):
+        if "unavailable" in f: return print(f"{name}: not reported ({f['unavailable']})")
+        for key in (k for k in f if k.startswith(("unconditional_", "conditional_"))):
+            print(f"{name} {key} (n={f['n']}{', ' + f['route'] + ' route' if 'route' in f else ''}): mean {f[key]['mean']:.2f}")
+    fids("classifier-feature FID", res["fid_classifier"])
+    fids("Inception FID", res["fid_inception"])
     print(f"wrote {Path(a.run) / 'metrics.json'}")
     return 0
 
@@ -123,6 +126,11 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--n-inception", type=int, default=100, help="images per modality for Inception FID (0: skip)")
     ev.add_argument("--inception-weights", default=None, help="pt_inception-2015-12-05 weights (standard route)")
     ev.add_argument("--inception-route", default="auto", choices=["auto", "standard", "offline"])
+    ev.add_argument("--no-inception-conditional", action="store_true",
+                    help="Inception FID of unconditional samples only (conditional costs 20 x n images per kind)")
+    ev.add_argument("--classifiers", default=None, metavar="FOLDER",
+                    help="score coherence with the published PolyMNIST classifiers (pretrained_img_to_digit_clf_m0..4)")
+    ev.add_argument("--subsets", default="all", choices=["all", "single"], help="observed subsets for conditional coherence")
     ev.add_argument("--quiet", action="store_true")
     ev.set_defaults(func=_eval)
     for q in (t, bn):

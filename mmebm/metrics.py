@@ -16,11 +16,13 @@ from tqdm.auto import tqdm
 from .data import PolyMNIST, read_manifest, to_unit
 
 # %% auto #0
-__all__ = ['ACCURACY_FLOOR', 'CLASSIFIER_VERSION', 'INCEPTION_ENV', 'MetricUnavailable', 'DigitClassifier', 'predict',
-           'train_classifiers', 'save_classifiers', 'load_classifiers', 'get_classifiers', 'check_floor',
-           'proper_subsets', 'conditional_coherence', 'summarise_conditional', 'unconditional_coherence',
-           'ReferenceModel', 'fid_helper_file', 'inception_extractor', 'to_uint8', 'extract', 'frechet_distance',
-           'real_features', 'fid_per_modality', 'sample_many', 'parameter_counts', 'generation_latency', 'evaluate']
+__all__ = ['ACCURACY_FLOOR', 'CLASSIFIER_VERSION', 'PUBLISHED_CLASSIFIER_FILE', 'INCEPTION_ENV', 'KINDS', 'MetricUnavailable',
+           'DigitClassifier', 'predict', 'train_classifiers', 'save_classifiers', 'load_classifiers', 'get_classifiers',
+           'check_floor', 'PublishedPolyMNISTClassifier', 'load_published_classifiers', 'save_published_format',
+           'proper_subsets', 'model_device', 'conditional_coherence', 'summarise_conditional',
+           'unconditional_coherence', 'ReferenceModel', 'fid_helper_file', 'inception_extractor', 'to_uint8', 'extract',
+           'frechet_distance', 'real_features', 'sample_many', 'parameter_counts', 'generation_latency',
+           'classifier_set', 'coherence_metrics', 'conditional_samples', 'fid_metrics', 'cost_metrics', 'evaluate']
 
 # %% ../nbs/06_metrics.ipynb #28dc7c58
 class MetricUnavailable(RuntimeError):
@@ -113,20 +115,74 @@ def check_floor(classifiers: dict, floor: float = ACCURACY_FLOOR):
     low = {f"m{k}": round(a, 4) for k, a in enumerate(classifiers["accuracy"]) if a < floor}
     if low: raise MetricUnavailable(f"classifier accuracy below the floor {floor}: {low}; coherence not reported")
 
+# %% ../nbs/06_metrics.ipynb #1a9be3b2
+PUBLISHED_CLASSIFIER_FILE = "pretrained_img_to_digit_clf_m{k}"
+
+class PublishedPolyMNISTClassifier(nn.Module):
+    "The published PolyMNIST digit classifier's architecture; takes our [-1, 1] images, feeds it [0, 1]."
+    def __init__(self):
+        super().__init__()
+        self.encoder = nn.Sequential(
+            nn.Conv2d(3, 10, 4, 2, 1), nn.Dropout2d(0.5), nn.ReLU(),
+            nn.Conv2d(10, 20, 4, 2, 1), nn.Dropout2d(0.5), nn.ReLU(), nn.Flatten(),
+            nn.Linear(980, 128), nn.Dropout(0.5), nn.ReLU(), nn.Linear(128, 10))
+
+    def features(self, x): return self.encoder[:-1]((x + 1) / 2)
+    def forward(self, x): return self.encoder((x + 1) / 2)
+
+def _published_state(f: Path, device) -> dict:
+    try: sd = torch.load(f, map_location=device, weights_only=True)
+    except Exception as e:
+        raise MetricUnavailable(f"{f}: not a plain state dict ({type(e).__name__}); save it with torch.save(model.state_dict())") from e
+    if isinstance(sd, dict) and "state_dict" in sd: sd = sd["state_dict"]
+    sd = {k.removeprefix("module."): v for k, v in sd.items()}
+    want = set(PublishedPolyMNISTClassifier().state_dict())
+    if set(sd) != want:
+        raise MetricUnavailable(f"{f}: keys {sorted(sd)[:6]}... do not match the published layout {sorted(want)}")
+    return sd
+
+def load_published_classifiers(folder, data_path, device="cpu") -> dict:
+    """The five published classifiers in `folder`, with their accuracy on the test split of `data_path`
+    (measured here, so the floor applies to the data actually evaluated)."""
+    folder = Path(folder)
+    files = [folder / PUBLISHED_CLASSIFIER_FILE.format(k=k) for k in range(5)]
+    missing = [f.name for f in files if not f.exists()]
+    if missing: raise FileNotFoundError(f"{folder}: missing {missing} (expected the five files {PUBLISHED_CLASSIFIER_FILE})")
+    models = []
+    for f in files:
+        m = PublishedPolyMNISTClassifier().to(device); m.load_state_dict(_published_state(f, device), strict=True); models.append(m.eval())
+    test = PolyMNIST(data_path, "test")
+    digest = hashlib.sha256("".join(hashlib.sha256(f.read_bytes()).hexdigest() for f in files).encode()).hexdigest()
+    return {"models": models, "accuracy": [_accuracy(m, test, k) for k, m in enumerate(models)], "sha256": digest,
+            "path": str(folder), "recipe": {"source": "published PolyMNIST classifiers", "files": PUBLISHED_CLASSIFIER_FILE}}
+
+def save_published_format(models, folder) -> Path:
+    "Write classifiers of the published architecture as the five published files (for tests and re-use)."
+    folder = Path(folder); folder.mkdir(parents=True, exist_ok=True)
+    for k, m in enumerate(models): torch.save(m.state_dict(), folder / PUBLISHED_CLASSIFIER_FILE.format(k=k))
+    return folder
+
 # %% ../nbs/06_metrics.ipynb #f190221e
 def proper_subsets(n_modalities: int) -> list[tuple[int, ...]]:
     "Every non-empty proper subset of the modalities, smallest first."
     return [s for r in range(1, n_modalities) for s in itertools.combinations(range(n_modalities), r)]
 
 @torch.no_grad()
+def model_device(model) -> torch.device:
+    "Where a model's parameters live (the CPU for models without parameters, such as the reference models)."
+    p = next(iter(model.parameters()), None) if hasattr(model, "parameters") else None
+    return p.device if p is not None else torch.device("cpu")
+
+@torch.no_grad()
 def conditional_coherence(model, ds: PolyMNIST, classifiers: dict, n: int = 1000, batch_size: int = 250,
-                          revised: bool = False, progress: bool = True):
-    "Coherence table for every (subset, target) pair on the first n test tuples: a pandas DataFrame."
+                          revised: bool = False, progress: bool = True, subsets: Sequence[tuple] | None = None):
+    """Coherence table for every (subset, target) pair on the first n test tuples: a pandas DataFrame.
+    `subsets` restricts the observed subsets (default: every non-empty proper subset)."""
     import pandas as pd
     check_floor(classifiers)
     clfs, M = classifiers["models"], model.n_modalities
-    device = next(iter(model.parameters())).device if hasattr(model, "parameters") else "cpu"
-    rows, subsets = [], proper_subsets(M)
+    device = model_device(model)
+    rows, subsets = [], list(subsets or proper_subsets(M))
     for S in tqdm(subsets, desc="conditional coherence", disable=not progress, leave=False):
         hits = np.zeros(M); count = 0
         for a in range(0, n, batch_size):
@@ -251,7 +307,8 @@ def extract(extractor, images: torch.Tensor, batch_size: int = 50, progress: boo
     out = []
     for i in tqdm(range(0, len(images), batch_size), desc=desc, disable=not progress, leave=False):
         x = images[i:i + batch_size]
-        out.append(extractor.features(x.float()) if isinstance(extractor, DigitClassifier) else extractor(to_uint8(x))[0])
+        is_clf = isinstance(extractor, (DigitClassifier, PublishedPolyMNISTClassifier))
+        out.append(extractor.features(x.float()) if is_clf else extractor(to_uint8(x))[0])
     return torch.cat(out).double()
 
 def frechet_distance(feat_a: torch.Tensor, feat_b: torch.Tensor) -> float:
@@ -272,16 +329,6 @@ def real_features(ds: PolyMNIST, k: int, extractor, key: str, n: int, progress: 
     f.parent.mkdir(parents=True, exist_ok=True)
     tmp = f.with_name(f.name + f".{os.getpid()}.tmp"); torch.save(feats, tmp); os.replace(tmp, f)
     return feats
-
-def fid_per_modality(generated: Sequence[torch.Tensor], ds: PolyMNIST, extractor, key: str, progress: bool = False) -> dict:
-    "FID of each modality's generated images against as many real test images, and the mean."
-    out = {}
-    for k, g in enumerate(generated):
-        if g is None: continue
-        real = real_features(ds, k, extractor, key, len(g), progress)
-        out[f"m{k}"] = frechet_distance(real, extract(extractor, g, progress=progress, desc=f"generated m{k} {key}"))
-    out["mean"] = float(np.mean(list(out.values())))
-    return out
 
 # %% ../nbs/06_metrics.ipynb #bd764b14
 @torch.no_grad()
@@ -320,84 +367,107 @@ def _flatten(d, prefix=""):
         if isinstance(v, dict): yield from _flatten(v, key + ".")
         elif not isinstance(v, (list, tuple)): yield key, v
 
+KINDS = ("generator", "ebm")    # generator samples, and the same samples revised by the EBM's Langevin kernel
+
+def classifier_set(data_path, classifiers: str | None = None, device="cpu", progress: bool = True) -> dict:
+    "Our classifiers for the data set (`classifiers=None`), or the published ones from the folder it names."
+    if classifiers: return load_published_classifiers(classifiers, data_path, device)
+    return get_classifiers(data_path, device=device, progress=progress)
+
+def coherence_metrics(model, ds: PolyMNIST, clf: dict, n: int, kinds=KINDS, subsets: str = "all",
+                      out_dir=None, progress: bool = True) -> dict:
+    """Conditional coherence (every subset, or `subsets='single'` for the single sources only) and
+    unconditional coherence, per kind; the per-pair tables go to `out_dir` when given."""
+    try: check_floor(clf)
+    except MetricUnavailable as e: return {"unavailable": str(e)}
+    n = min(n, len(ds)); M = model.n_modalities
+    chosen = [(m,) for m in range(M)] if subsets == "single" else None
+    out = {"n_conditional": n, "n_unconditional": n, "subsets": subsets}
+    for kind in kinds:
+        table = conditional_coherence(model, ds, clf, n, revised=kind == "ebm", progress=progress, subsets=chosen)
+        if out_dir: table.assign(kind=kind).to_csv(Path(out_dir) / f"coherence_conditional_{kind}.csv", index=False)
+        out[f"conditional_{kind}"] = summarise_conditional(table)
+        out[f"unconditional_{kind}"] = unconditional_coherence(model, clf, n, revised=kind == "ebm")
+    return out
+
+@torch.no_grad()
+def conditional_samples(model, ds: PolyMNIST, src: int, n: int, revised: bool = False, batch_size: int = 250) -> list[torch.Tensor]:
+    "Every modality generated from the first n test images of modality `src` alone (on the CPU)."
+    dev = model_device(model)
+    x, _ = ds.get_batch(np.arange(n))
+    parts = [[t.cpu() for t in model.generate({src: x[src][a:a + batch_size].to(dev)}, revised=revised)]
+             for a in range(0, n, batch_size)]
+    return [torch.cat(p) for p in zip(*parts)]
+
+def fid_metrics(model, ds: PolyMNIST, extractor, key: str, n: int, kinds=KINDS, conditional: bool = True,
+                progress: bool = False) -> dict:
+    """Frechet distances per modality and on average: unconditional samples, and (`conditional`) each
+    target generated from each single other modality, averaged over sources. `extractor` is one feature
+    extractor for every modality or a list of one per modality (the classifiers)."""
+    M = model.n_modalities; n = min(n, len(ds))
+    ext = list(extractor) if isinstance(extractor, (list, tuple)) else [extractor] * M
+    real = [real_features(ds, k, ext[k], key, n, progress) for k in range(M)]
+    fd = lambda k, g, what: frechet_distance(real[k], extract(ext[k], g, progress=progress, desc=f"{what} m{k} {key}"))
+    with_mean = lambda d: d | {"mean": float(np.mean(list(d.values())))}
+    out = {"n": n, "conditional": conditional}
+    for kind in kinds:
+        gen = sample_many(model, n, kind == "ebm")
+        out[f"unconditional_{kind}"] = with_mean({f"m{k}": fd(k, g, kind) for k, g in enumerate(gen)})
+        if conditional:
+            per = {t: [] for t in range(M)}
+            for src in range(M):      # one generation per source serves every target
+                g = conditional_samples(model, ds, src, n, kind == "ebm")
+                for t in range(M):
+                    if t != src: per[t].append(fd(t, g[t], f"{kind} from m{src}"))
+            out[f"conditional_{kind}_single_source"] = with_mean({f"m{t}": float(np.mean(v)) for t, v in per.items()})
+    return out
+
+def cost_metrics(model, run_dir=None) -> dict:
+    "Parameters, per-sample generation latency and (from the run's log) median training seconds per iteration."
+    import pandas as pd
+    from mmebm.train import device_name
+    out = {"parameters": parameter_counts(model), "latency": generation_latency(model), "device": device_name(model_device(model))}
+    log = Path(run_dir) / "log.csv" if run_dir else None
+    if log and log.exists(): out["train_s_per_iteration_median"] = float(pd.read_csv(log)["sec_iteration"].median())
+    return out
+
 def evaluate(run_dir, n_coherence: int = 500, n_fid: int = 1000, n_inception: int = 0, inception_weights: str | None = None,
-             inception_route: str = "auto", progress: bool = True) -> dict:
-    "Score a trained run with the common protocol; write metrics.json and metrics.csv into the run directory."
+             inception_route: str = "auto", inception_conditional: bool = True, classifiers: str | None = None,
+             subsets: str = "all", kinds=KINDS, progress: bool = True) -> dict:
+    """Score a trained run with the common protocol; write metrics.json and metrics.csv into the run directory.
+    n_inception=0 skips Inception FID (recorded as not requested); `classifiers` names the published ones."""
     import pandas as pd
     from mmebm.train import Trainer, device_name, git_revision
     import mmebm
     run_dir = Path(run_dir)
     t = Trainer.resume(run_dir)
     model = t.model.eval()
-    dev = next(model.parameters()).device
     test = PolyMNIST(t.data_path, "test")
     status = json.loads((run_dir / "status.json").read_text()) if (run_dir / "status.json").exists() else {}
     man = read_manifest(t.data_path)
-    clf = get_classifiers(t.data_path, device="cpu", progress=progress)
+    clf = classifier_set(t.data_path, classifiers, progress=progress)
     torch.manual_seed(t.cfg.seed)
     res = {"provenance": {"run": run_dir.name, "config_hash": status.get("config_hash"), "profile": t.cfg.name, "seed": t.cfg.seed,
                           "iteration": t.iteration, "epochs": t.iteration / t.per_epoch, "train_wall_seconds": t.wall_before,
                           "data": {"name": man["name"], "source": man["source"], "data_sha256": man["data_sha256"]},
-                          "device": device_name(dev), "revision": git_revision(), "mmebm": mmebm.__version__, "torch": torch.__version__,
-                          "evaluated_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())},
-           "classifiers": {"accuracy": {f"m{k}": a for k, a in enumerate(clf["accuracy"])}, "floor": ACCURACY_FLOOR,
-                           "sha256": clf["sha256"], "recipe": clf["recipe"]}}
-    t0 = time.time()
-    try:
-        check_floor(clf)
-        coh = {"n_conditional": min(n_coherence, len(test)), "n_unconditional": n_coherence}
-        for revised, kind in ((False, "generator"), (True, "ebm")):
-            table = conditional_coherence(model, test, clf, min(n_coherence, len(test)), revised=revised, progress=progress)
-            table.assign(kind=kind).to_csv(run_dir / f"coherence_conditional_{kind}.csv", index=False)
-            coh[f"conditional_{kind}"] = summarise_conditional(table)
-            coh[f"unconditional_{kind}"] = unconditional_coherence(model, clf, n_coherence, revised=revised)
-        res["coherence"] = coh
-    except MetricUnavailable as e:
-        res["coherence"] = {"unavailable": str(e)}
-    res["seconds"] = {"coherence": round(time.time() - t0, 1)}
-    # classifier-feature FID: unconditional (generator, EBM) and conditional per target from single sources
-    t0 = time.time()
-    n = min(n_fid, len(test))
-    feat = clf["models"]
-    fid_c = {"n": n, "features": "coherence classifier penultimate layer (128-d): not Inception FID"}
-    with torch.no_grad():
-        for revised, kind in ((False, "generator"), (True, "ebm")):
-            gen = sample_many(model, n, revised)
-            fid_c[f"unconditional_{kind}"] = {f"m{k}": frechet_distance(real_features(test, k, feat[k], "clf", n), extract(feat[k], g))
-                                              for k, g in enumerate(gen)}
-            fid_c[f"unconditional_{kind}"]["mean"] = float(np.mean(list(fid_c[f"unconditional_{kind}"].values())))
-        x_all, _ = test.get_batch(np.arange(n))
-        cond = {}
-        for tgt in range(model.n_modalities):
-            vals = []
-            for src in range(model.n_modalities):
-                if src == tgt: continue
-                g = torch.cat([model.generate({src: x_all[src][a:a + 250].to(dev)})[tgt].cpu() for a in range(0, n, 250)])
-                vals.append(frechet_distance(real_features(test, tgt, feat[tgt], "clf", n), extract(feat[tgt], g)))
-            cond[f"m{tgt}"] = float(np.mean(vals))
-        cond["mean"] = float(np.mean(list(cond.values())))
-        fid_c["conditional_generator_single_source"] = cond
-    res["fid_classifier"] = fid_c
-    res["seconds"]["fid_classifier"] = round(time.time() - t0, 1)
-    # Inception FID on a stated (small, on CPU) sample
-    t0 = time.time()
-    if n_inception:
-        try:
-            ext, route = inception_extractor(inception_weights, inception_route)
-            fi = {"route": route, "n": n_inception, "weights": "2015-12-05 Inception-v3 (pool3, 2048-d)"}
-            with torch.no_grad():
-                for revised, kind in ((False, "generator"), (True, "ebm")):
-                    gen = sample_many(model, n_inception, revised)
-                    fi[f"unconditional_{kind}"] = fid_per_modality(gen, test, ext, f"inception-{route}", progress)
-            res["fid_inception"] = fi
-        except MetricUnavailable as e:
-            res["fid_inception"] = {"unavailable": str(e)}
-    else:
-        res["fid_inception"] = {"unavailable": "not requested (n_inception=0)"}
-    res["seconds"]["fid_inception"] = round(time.time() - t0, 1)
-    log = pd.read_csv(run_dir / "log.csv")
-    res["cost"] = {"parameters": parameter_counts(model), "latency": generation_latency(model),
-                   "train_s_per_iteration_median": float(log["sec_iteration"].median()), "device": device_name(dev)}
+                          "device": device_name(model_device(model)), "revision": git_revision(), "mmebm": mmebm.__version__,
+                          "torch": torch.__version__, "evaluated_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())},
+           "classifiers": {"which": clf["recipe"].get("source", "mmebm's own (trained by the package)"), "path": clf["path"],
+                           "accuracy": {f"m{k}": a for k, a in enumerate(clf["accuracy"])}, "floor": ACCURACY_FLOOR,
+                           "sha256": clf["sha256"], "recipe": clf["recipe"]}, "seconds": {}}
+    def timed(name, fn):
+        t0 = time.time(); res[name] = fn(); res["seconds"][name] = round(time.time() - t0, 1)
+    timed("coherence", lambda: coherence_metrics(model, test, clf, n_coherence, kinds, subsets, run_dir, progress))
+    timed("fid_classifier", lambda: {"features": "coherence classifier penultimate layer (128-d): not Inception FID"}
+          | fid_metrics(model, test, clf["models"], "clf" if not classifiers else "clf-published", n_fid, kinds, progress=progress))
+    def inception():
+        if not n_inception: return {"unavailable": "not requested (n_inception=0)"}
+        try: ext, route = inception_extractor(inception_weights, inception_route)
+        except MetricUnavailable as e: return {"unavailable": str(e)}
+        return {"route": route, "weights": "2015-12-05 Inception-v3 (pool3, 2048-d)"} | fid_metrics(
+            model, test, ext, f"inception-{route}", n_inception, kinds, inception_conditional, progress)
+    timed("fid_inception", inception)
+    timed("cost", lambda: cost_metrics(model, run_dir))
     (run_dir / "metrics.json").write_text(json.dumps(res, indent=2) + "\n")
     pd.DataFrame(list(_flatten(res)), columns=["metric", "value"]).to_csv(run_dir / "metrics.csv", index=False)
     return res

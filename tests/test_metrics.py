@@ -66,6 +66,45 @@ def test_coherence_refuses_below_the_floor(classifiers, test_ds):
         Mx.unconditional_coherence(Mx.ReferenceModel(test_ds), weak, n=10)
 
 
+def _train_published_format(full_data, folder):
+    "One epoch of the published classifier architecture per modality, saved as the five published files."
+    import torch.nn.functional as F
+    train = PolyMNIST(full_data, "train")
+    models = []
+    for k in range(5):
+        torch.manual_seed(k)
+        m = Mx.PublishedPolyMNISTClassifier()
+        opt = torch.optim.Adam(m.parameters(), 2e-3)
+        for x, y in train.batches(128, seed=0):
+            loss = F.cross_entropy(m(x[k]), y); opt.zero_grad(); loss.backward(); opt.step()
+        models.append(m.eval())
+    return Mx.save_published_format(models, folder), models
+
+
+def test_published_classifiers_load_strictly_and_score(full_data, test_ds, tmp_path):
+    "Weights in the published files' format and layout load, score coherence, and a foreign layout is refused."
+    folder, models = _train_published_format(full_data, tmp_path / "clf")
+    pub = Mx.classifier_set(full_data, str(folder))
+    assert pub["recipe"]["source"] == "published PolyMNIST classifiers" and len(pub["sha256"]) == 64
+    assert min(pub["accuracy"]) > 0.75, pub["accuracy"]     # a working digit classifier (chance: 0.1)
+    x, _ = test_ds.get_batch(np.arange(64))
+    assert torch.equal(Mx.predict(pub["models"][4], x[4]), Mx.predict(models[4], x[4]))
+    # coherence with them: the oracle is coherent, random images are not (floor lowered for 1-epoch weights)
+    pub_low = dict(pub, accuracy=[1.0] * 5)
+    s_or = Mx.summarise_conditional(Mx.conditional_coherence(Mx.ReferenceModel(test_ds), test_ds, pub_low, n=200,
+                                                             progress=False, subsets=[(0,), (3,)]))
+    s_rd = Mx.summarise_conditional(Mx.conditional_coherence(Mx.ReferenceModel(test_ds, oracle=False), test_ds, pub_low,
+                                                             n=200, progress=False, subsets=[(0,), (3,)]))
+    assert s_or["single_source_mean"] > 0.8 and s_rd["single_source_mean"] < 0.2
+    # a checkpoint of another layout names both layouts; a missing file is named
+    torch.save({"conv1.weight": torch.zeros(10, 3, 4, 4)}, folder / "pretrained_img_to_digit_clf_m1")
+    with pytest.raises(Mx.MetricUnavailable, match="do not match the published layout"):
+        Mx.load_published_classifiers(folder, full_data)
+    (folder / "pretrained_img_to_digit_clf_m1").unlink()
+    with pytest.raises(FileNotFoundError, match="pretrained_img_to_digit_clf_m1"):
+        Mx.load_published_classifiers(folder, full_data)
+
+
 def test_classifier_fid_self_train_and_noise(classifiers, full_data, test_ds):
     train = PolyMNIST(full_data, "train")
     clf = classifiers["models"][1]
@@ -121,14 +160,20 @@ def test_eval_cli_on_a_trained_run(tmp_path):
     r = subprocess.run([exe, "train", "--profile", "tiny", "--quiet"], capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 0, r.stderr
     run = next(tmp_path.iterdir())
-    r = subprocess.run([exe, "eval", str(run), "--n", "40", "--n-fid", "60", "--n-inception", "4", "--quiet"],
+    r = subprocess.run([exe, "eval", str(run), "--n", "40", "--n-fid", "60", "--n-inception", "4", "--no-inception-conditional", "--quiet"],
                        capture_output=True, text=True, env=env, timeout=600)
     assert r.returncode == 0, r.stderr
     res = json.loads((run / "metrics.json").read_text())
     assert "below the floor" in res["coherence"]["unavailable"]          # 256-tuple classifiers: refused, with the reason
-    assert "not reported" in r.stdout and "classifier test accuracy" in r.stdout
+    assert "not reported" in r.stdout and "test accuracy" in r.stdout
     fi = res["fid_inception"]
     assert fi["route"] == "offline" and fi["n"] == 4 and np.isfinite(fi["unconditional_generator"]["mean"])
+    assert not fi["conditional"] and "conditional_ebm_single_source" not in fi     # asked for unconditional only
+    # conditional FID (the same code for either feature space): every target, from each single other modality
+    fc = res["fid_classifier"]
+    for kind in ("generator", "ebm"):
+        assert set(fc[f"conditional_{kind}_single_source"]) == {"m0", "m1", "m2", "m3", "m4", "mean"}
+        assert np.isfinite(fc[f"conditional_{kind}_single_source"]["mean"])
     assert res["provenance"]["data"]["data_sha256"] and res["provenance"]["iteration"] == 6
     assert res["cost"]["latency"]["generator_s_batch1"] > 0 and res["cost"]["parameters"]["ebm"] > 0
     assert (run / "metrics.csv").read_text().count("\n") > 20
