@@ -40,11 +40,10 @@ train: data
 bench: setup
 	$(BIN)/mmebm bench --profile $(PROFILE)
 
-reproduce: data
-	@echo "reproduce (profile $(PROFILE)): data is built (see above)."
-	@echo "Next, once the reproduce notebooks land: train the $(PROFILE) runs, score them, and execute"
-	@echo "reproduce/*.ipynb with papermill into results/$(PROFILE)/. Until then, by hand:"
-	@echo "  make train PROFILE=$(PROFILE)   then   .venv/bin/mmebm eval runs/<run>"
+# Trains every run of the plan reproduce/profiles/$(PROFILE).yaml (cached and resumed by config), scores
+# them, and executes reproduce/*.ipynb with papermill into results/$(PROFILE)/.
+reproduce: setup
+	$(BIN)/mmebm reproduce --profile $(PROFILE)
 
 # The notebooks are the source: mmebm/ must be exactly what they export, and they must be nbdev-clean.
 check-source: setup
@@ -59,6 +58,7 @@ export: setup
 	$(BIN)/nbdev-export
 clean-nbs: setup
 	$(BIN)/nbdev-clean
+	$(BIN)/nbdev-clean --fname reproduce
 
 lab: setup
 	$(BIN)/jupyter lab nbs

@@ -93,6 +93,12 @@ def _eval(a):
     print(f"wrote {Path(a.run) / 'metrics.json'}")
     return 0
 
+def _reproduce(a):
+    from mmebm import experiments
+    out = experiments.reproduce(a.plan or a.profile, a.results_dir, progress=not a.quiet, notebooks=not a.no_notebooks)
+    bad = [n for n, s in out["notebooks"].items() if s["state"] == "failed"]
+    return 4 if bad else 0
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mmebm", description="Multimodal EBM with multimodal VAE via MCMC revision.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -133,6 +139,13 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--subsets", default="all", choices=["all", "single"], help="observed subsets for conditional coherence")
     ev.add_argument("--quiet", action="store_true")
     ev.set_defaults(func=_eval)
+    rp = sub.add_parser("reproduce", help="regenerate results/<profile>/: runs, scores, tables, figures")
+    rp.add_argument("--profile", default="smoke", help="a plan in reproduce/profiles/ (smoke, paper, tiny)")
+    rp.add_argument("--plan", default=None, help="a plan YAML file of your own (overrides --profile)")
+    rp.add_argument("--results-dir", default=None, help="default: results/<plan name>/ in the repository")
+    rp.add_argument("--no-notebooks", action="store_true", help="train, score and collect only")
+    rp.add_argument("--quiet", action="store_true", help="no progress bars")
+    rp.set_defaults(func=_reproduce)
     for q in (t, bn):
         q.add_argument("--profile", default=None, help="a named profile (paper, smoke, tiny)")
         q.add_argument("--config", default=None, help="a YAML file of Config fields")
