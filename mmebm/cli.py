@@ -64,9 +64,11 @@ def _bench(a):
     from mmebm import train
     table = train.benchmark(_config(a), repeats=a.repeats)
     print(train.format_benchmark(table))
-    if a.out:
-        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-        table.assign(device=table.attrs["device"], ratio=table.attrs["ratio"]).to_csv(a.out, index=False)
+    if a.out:       # the parts as CSV, every figure (with the device) as columns; the printed summary beside it
+        out = Path(a.out); out.parent.mkdir(parents=True, exist_ok=True)
+        table.assign(**{k: v for k, v in table.attrs.items()}).to_csv(out, index=False)
+        out.with_suffix(".txt").write_text(train.format_benchmark(table) + "\n")
+        print(f"wrote {out} and {out.with_suffix('.txt')}")
     return 0
 
 def _eval(a):
@@ -95,7 +97,9 @@ def _eval(a):
 
 def _reproduce(a):
     from mmebm import experiments
-    out = experiments.reproduce(a.plan or a.profile, a.results_dir, progress=not a.quiet, notebooks=not a.no_notebooks)
+    out = experiments.reproduce(a.plan or a.profile, a.results_dir, progress=not a.quiet, notebooks=not a.no_notebooks,
+                                max_minutes=a.max_minutes)
+    if out["incomplete"]: return 3          # call again: the unfinished runs continue from their checkpoints
     bad = [n for n, s in out["notebooks"].items() if s["state"] == "failed"]
     return 4 if bad else 0
 
@@ -123,7 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(func=_train)
     bn = sub.add_parser("bench", help="time one training iteration and each of its parts")
     bn.add_argument("--repeats", type=int, default=3)
-    bn.add_argument("--out", default=None, help="also write the table as CSV")
+    bn.add_argument("--out", default=None, help="also write the table as CSV (and the summary as .txt beside it)")
     bn.set_defaults(func=_bench)
     ev = sub.add_parser("eval", help="score a trained run: coherence, FID, cost")
     ev.add_argument("run", help="a run directory")
@@ -144,6 +148,8 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--plan", default=None, help="a plan YAML file of your own (overrides --profile)")
     rp.add_argument("--results-dir", default=None, help="default: results/<plan name>/ in the repository")
     rp.add_argument("--no-notebooks", action="store_true", help="train, score and collect only")
+    rp.add_argument("--max-minutes", type=float, default=None,
+                    help="stop training after this long (checkpointed); exit status 3 until the plan is complete")
     rp.add_argument("--quiet", action="store_true", help="no progress bars")
     rp.set_defaults(func=_reproduce)
     for q in (t, bn):

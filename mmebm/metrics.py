@@ -347,13 +347,9 @@ def parameter_counts(model) -> dict:
 
 def generation_latency(model, n: int = 64, repeats: int = 3) -> dict:
     "Seconds per sample: generator only and generator + EBM revision, at batch n and batch 1."
+    from mmebm.train import median_time
     dev = next(model.parameters()).device
-    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
-    def timed(fn):
-        fn(); ts = []
-        for _ in range(repeats):
-            sync(); t0 = time.perf_counter(); fn(); sync(); ts.append(time.perf_counter() - t0)
-        return float(np.median(ts))
+    timed = lambda fn: median_time(fn, repeats, 1, dev)
     out = {}
     for revised, name in ((False, "generator"), (True, "generator+ebm")):
         with torch.no_grad():

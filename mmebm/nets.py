@@ -11,7 +11,8 @@ from torch import nn
 from torch.nn.utils.parametrizations import spectral_norm
 
 # %% auto #0
-__all__ = ['side_lengths', 'ImageEncoder', 'ImageDecoder', 'EnergyTrunk', 'EnergyHead', 'neg_log_lik', 'gaussian_log_prob']
+__all__ = ['side_lengths', 'ImageEncoder', 'ImageDecoder', 'EnergyTrunk', 'EnergyHead', 'neg_log_lik', 'gaussian_log_prob',
+           'step_embedding', 'DenoisingUNet']
 
 # %% ../nbs/01_nets.ipynb #7f47c889
 def side_lengths(size: int, last: int = 4) -> list[int]:
@@ -93,3 +94,43 @@ def neg_log_lik(x: torch.Tensor, mean: torch.Tensor, sigma: float = 0.3, kind: s
 def gaussian_log_prob(z: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
     "log N(z; mu, diag exp(logvar)) per example (B,)."
     return -0.5 * (((z - mu) ** 2) * torch.exp(-logvar) + logvar + math.log(2 * math.pi)).sum(-1)
+
+# %% ../nbs/01_nets.ipynb #ea321424
+def step_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
+    "Sinusoidal embedding of integer diffusion steps t (B,) -> (B, dim)."
+    half = dim // 2
+    freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+    a = t.float()[:, None] * freqs[None]
+    return torch.cat([a.sin(), a.cos()], dim=1)
+
+class _ResBlock(nn.Module):
+    def __init__(self, cin: int, cout: int, tdim: int):
+        super().__init__()
+        self.n1, self.c1 = nn.GroupNorm(8, cin), nn.Conv2d(cin, cout, 3, 1, 1)
+        self.t = nn.Linear(tdim, cout)
+        self.n2, self.c2 = nn.GroupNorm(8, cout), nn.Conv2d(cout, cout, 3, 1, 1)
+        self.skip = nn.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
+    def forward(self, x, temb):
+        h = self.c1(nn.functional.silu(self.n1(x))) + self.t(temb)[:, :, None, None]
+        return self.skip(x) + self.c2(nn.functional.silu(self.n2(h)))
+
+class DenoisingUNet(nn.Module):
+    "eps(x_t, t, c): noise prediction for a DDPM refiner of (C, size, size) images, conditioned on a coarse image c."
+    def __init__(self, channels: int = 3, width: int = 64, cond: bool = True):
+        super().__init__()
+        self.cond, self.tdim = cond, 4 * width
+        self.temb = nn.Sequential(nn.Linear(width, self.tdim), nn.SiLU(), nn.Linear(self.tdim, self.tdim))
+        self.inp = nn.Conv2d(channels * (2 if cond else 1), width, 3, 1, 1)
+        self.d1, self.down = _ResBlock(width, width, self.tdim), nn.Conv2d(width, 2 * width, 3, 2, 1)
+        self.mid = _ResBlock(2 * width, 2 * width, self.tdim)
+        self.up = nn.ConvTranspose2d(2 * width, width, 4, 2, 1)
+        self.u1 = _ResBlock(2 * width, width, self.tdim)
+        self.out = nn.Sequential(nn.GroupNorm(8, width), nn.SiLU(), nn.Conv2d(width, channels, 3, 1, 1))
+        self.width = width
+
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor, c: torch.Tensor | None = None) -> torch.Tensor:
+        temb = self.temb(step_embedding(t, self.width))
+        h0 = self.d1(self.inp(torch.cat([x_t, c], 1) if self.cond else x_t), temb)
+        h = self.mid(self.down(h0), temb)
+        h = self.up(h)[..., :h0.shape[-2], :h0.shape[-1]]       # odd sides (7 -> 14 -> 28) line up
+        return self.out(self.u1(torch.cat([h, h0], 1), temb))

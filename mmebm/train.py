@@ -19,7 +19,8 @@ from .revision import RevisionStep, Diverged
 # %% auto #0
 __all__ = ['BUDGET_KEYS', 'PROFILES', 'MODEL_KEYS', 'LOG_COLUMNS', 'Config', 'config_hash', 'save_config', 'load_config',
            'profile', 'build_model', 'build_optimisers', 'resolve_device', 'runs_root', 'git_revision', 'device_name',
-           'quick_checks', 'Trainer', 'default_run_dir', 'train', 'plot_log', 'benchmark', 'format_benchmark']
+           'quick_checks', 'Trainer', 'default_run_dir', 'train', 'plot_log', 'median_time', 'benchmark',
+           'sampling_throughput', 'format_benchmark']
 
 # %% ../nbs/05_train.ipynb #b17151fc
 @dataclass
@@ -322,7 +323,16 @@ def plot_log(run_dir, smooth: int = 1):
     return fig
 
 # %% ../nbs/05_train.ipynb #0ecd5e55
-def benchmark(cfg: Config, repeats: int = 3, warmup: int = 1):
+def median_time(fn, repeats: int = 3, warmup: int = 1, device=None) -> float:
+    "Median wall seconds of `fn()` over `repeats` calls after `warmup` calls, synchronising CUDA around each."
+    sync = torch.cuda.synchronize if device is not None and torch.device(device).type == "cuda" else (lambda: None)
+    for _ in range(warmup): fn()
+    ts = []
+    for _ in range(repeats):
+        sync(); t0 = time.perf_counter(); fn(); sync(); ts.append(time.perf_counter() - t0)
+    return float(np.median(ts))
+
+def benchmark(cfg: Config, repeats: int = 3, warmup: int = 1, refiner_steps: int = 1000, refiner_width: int = 64):
     "A table (pandas) of median seconds per part of one training iteration, and the whole-to-parts ratio."
     import pandas as pd
     from mmebm.revision import generator_loss, inference_loss, ebm_loss
@@ -334,7 +344,6 @@ def benchmark(cfg: Config, repeats: int = 3, warmup: int = 1):
                         cfg.resample_after_g, math.inf, cfg.amp and device.type == "cuda")
     b = cfg.batch_size
     x = [torch.rand(b, cfg.channels, cfg.image_size, cfg.image_size, device=device) * 2 - 1 for _ in range(cfg.n_modalities)]
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     z = model.generator.prior(b, device)
     with torch.no_grad(): x0 = model.initial_x(z)
     x_rev = model.revise_x(x0).samples
@@ -351,13 +360,7 @@ def benchmark(cfg: Config, repeats: int = 3, warmup: int = 1):
         "E update": update("E", lambda: ebm_loss(model, x, x_rev, cfg.temper)),
         "iteration": lambda: step(x),
     }
-    def median_time(fn):
-        for _ in range(warmup): fn()
-        ts = []
-        for _ in range(repeats):
-            sync(); t0 = time.perf_counter(); fn(); sync(); ts.append(time.perf_counter() - t0)
-        return float(np.median(ts))
-    secs = {k: median_time(fn) for k, fn in parts.items()}
+    secs = {k: median_time(fn, repeats, warmup, device) for k, fn in parts.items()}
     counts = {k: (2 if k.startswith("langevin_x") and cfg.resample_after_g else 1) for k in secs if k != "iteration"}
     total_parts = sum(secs[k] * c for k, c in counts.items())
     rows = [{"part": k, "count": counts.get(k, 1), "seconds": secs[k], "share_of_parts": secs[k] * counts[k] / total_parts if k in counts else None}
@@ -366,10 +369,38 @@ def benchmark(cfg: Config, repeats: int = 3, warmup: int = 1):
     table = pd.DataFrame(rows)
     table.attrs.update(device=device_name(device), ratio=secs["iteration"] / total_parts, batch_size=b,
                        iterations_per_epoch=60000 // b, seconds_per_epoch=secs["iteration"] * (60000 // b))
+    table.attrs.update(sampling_throughput(model, x, refiner_steps, refiner_width, repeats, warmup))
     return table
+
+def sampling_throughput(model, x, refiner_steps: int = 1000, refiner_width: int = 64, repeats: int = 3, warmup: int = 1) -> dict:
+    """Images per second: through the EBM (energy and its input gradient: one data-space Langevin step), one-step
+    generator sampling, and a DDPM refiner (`DenoisingUNet`, conditioned on the coarse image) of the same resolution
+    taking `refiner_steps` passes per image. The refiner's time is one timed pass times the number of steps."""
+    from mmebm.nets import DenoisingUNet
+    device = next(model.parameters()).device
+    b, M = x[0].shape[0], len(x)
+    def ebm_step():
+        xs = [t.detach().requires_grad_(True) for t in x]
+        torch.autograd.grad(model.ebm.energy(xs).sum(), xs)
+    z = model.generator.prior(b, device)
+    unet = DenoisingUNet(x[0].shape[1], refiner_width).to(device).eval()
+    xt, tt = torch.cat(x), torch.full((b * M,), refiner_steps // 2, device=device)
+    with torch.no_grad():
+        gen = median_time(lambda: model.generator.decode(z), repeats, warmup, device)
+        one_pass = median_time(lambda: unet(xt, tt, xt), repeats, warmup, device)
+    ebm = median_time(ebm_step, repeats, warmup, device)
+    out = {"ebm_images_per_s": b * M / ebm, "generator_images_per_s": b * M / gen,
+           "refiner_images_per_s": b * M / (one_pass * refiner_steps), "refiner_steps": refiner_steps,
+           "refiner_parameters": sum(p.numel() for p in unet.parameters())}
+    out["generator_over_refiner"] = out["generator_images_per_s"] / out["refiner_images_per_s"]
+    return out
 
 def format_benchmark(table) -> str:
     a = table.attrs
     return (f"device: {a['device']}   batch: {a['batch_size']}\n" + table.to_string(index=False, float_format=lambda v: f"{v:.4f}") +
             f"\nwhole / sum of parts: {a['ratio']:.3f}\n"
-            f"seconds per epoch (60,000 tuples, {a['iterations_per_epoch']} iterations): {a['seconds_per_epoch']:.1f}")
+            f"seconds per epoch (60,000 tuples, {a['iterations_per_epoch']} iterations): {a['seconds_per_epoch']:.1f}"
+            f"\nimages/s through the EBM (energy + input gradient): {a['ebm_images_per_s']:,.0f}"
+            f"\none-step generator sampling: {a['generator_images_per_s']:,.0f} images/s; DDPM refiner ({a['refiner_steps']} steps, "
+            f"{a['refiner_parameters'] / 1e6:.2f}M parameters, one timed pass x steps): {a['refiner_images_per_s']:,.1f} images/s; "
+            f"generator / refiner: {a['generator_over_refiner']:,.0f}x")

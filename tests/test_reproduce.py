@@ -92,3 +92,24 @@ def test_second_invocation_reuses_runs_and_reports_a_failing_notebook(tiny, tmp_
     # nothing retrained or rescored: logs identical, metrics untouched
     assert all(p.read_text() == t for p, t in logs.items())
     assert all(p.stat().st_mtime_ns == m for p, m in metrics.items())
+
+
+def test_chained_time_boxed_calls_finish_the_plan_exactly(tiny, tmp_path, monkeypatch):
+    "Calls with a tiny time budget stop and continue runs from checkpoints; the chained result equals one call's."
+    root, _, _ = tiny
+    monkeypatch.setenv("MMEBM_RUNS_DIR", str(tmp_path / "runs"))
+    calls, out = 0, {"incomplete": ["start"]}
+    while out["incomplete"]:
+        calls += 1
+        assert calls < 60, "no progress between calls"
+        out = X.reproduce("tiny", tmp_path / "results", progress=False, notebooks=False, max_minutes=0.01)
+    assert calls > 2                                                   # it really was cut, more than once
+    assert all(s["state"] == "completed" for s in out["runs"].values())
+    timing = [c for c in pd.read_csv(root / "results" / "runs" / "main" / "log.csv").columns if c.startswith("sec_")]
+    for role in ("main", "center", "Kx2", "noise-Kx4"):
+        one = pd.read_csv(root / "results" / "runs" / role / "log.csv").drop(columns=timing)
+        chained = pd.read_csv(tmp_path / "results" / "runs" / role / "log.csv").drop(columns=timing)
+        pd.testing.assert_frame_equal(one, chained)                   # bit-exact resume across calls
+    m1 = json.loads((root / "results" / "runs" / "main" / "metrics.json").read_text())
+    m2 = json.loads((tmp_path / "results" / "runs" / "main" / "metrics.json").read_text())
+    assert m1["fid_classifier"] == m2["fid_classifier"]
