@@ -142,11 +142,11 @@ def runs_root() -> Path:
     return Path(os.environ.get("MMEBM_RUNS_DIR", "runs"))
 
 def git_revision() -> str | None:
-    "The git revision of the source tree, with '+dirty' when tracked files have uncommitted changes (new result files do not count); None outside git."
+    "The git revision of the source tree, with '+dirty' when tracked files outside results/ have uncommitted changes (outputs do not count); None outside git."
     try:
         here = Path(__file__).resolve().parent
         rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here, capture_output=True, text=True, timeout=5)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ":/", ":(top,exclude)results"], cwd=here, capture_output=True, text=True, timeout=5)
         return rev.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "") if rev.returncode == 0 else None
     except Exception: return None
 
