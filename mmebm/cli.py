@@ -49,15 +49,21 @@ def _config(a):
     return cfg.replace(**over)
 
 def _train(a):
-    from mmebm import train
-    if a.resume:
-        budget = _parse_set(a.set) | {k: getattr(a, k) for k in ("iterations", "max_minutes") if getattr(a, k) is not None}
-        t = train.Trainer.resume(a.resume, **budget)
-        status = t.fit(progress=not a.quiet)
-    else:
-        t, status = train.train(_config(a), a.run_dir, progress=not a.quiet)
-    print(f"{t.run_dir}: {status['state']} at iteration {status['iteration']}/{status['iterations']}"
-          + (f" ({status['reason']})" if status.get("reason") else ""))
+    from mmebm import train, scale
+    # under torchrun every process runs this; they join one process group (gloo on CPU, NCCL on CUDA) first
+    r = scale.init_distributed(a.device or "auto")
+    try:
+        if a.resume:
+            budget = _parse_set(a.set) | {k: getattr(a, k) for k in ("iterations", "max_minutes") if getattr(a, k) is not None}
+            t = train.Trainer.resume(a.resume, **budget)
+            status = t.fit(progress=not a.quiet)
+        else:
+            t, status = train.train(_config(a), a.run_dir, progress=not a.quiet)
+    finally:
+        scale.close_distributed()
+    if r.main:
+        print(f"{t.run_dir}: {status['state']} at iteration {status['iteration']}/{status['iterations']}"
+              + (f" on {r.world} ranks" if r.world > 1 else "") + (f" ({status['reason']})" if status.get("reason") else ""))
     return 0 if status["state"] in ("completed", "stopped") else 3
 
 def _bench(a):

@@ -36,7 +36,9 @@ def langevin(potential: Callable[[list[torch.Tensor]], torch.Tensor], init: Sequ
         return _langevin(potential, init, n_steps, step_size, noise, movable, record, record_every)
 
 def _langevin(potential, init, n_steps, step_size, noise, movable, record, record_every):
-    state = [t.detach().clone() for t in init]
+    # the state stays in float32 even when the initialiser came out of bf16 autocast: a bf16 state would round
+    # away steps and noise of 1e-3 (its resolution near 1 is 8e-3); autocast still runs the nets in bf16
+    state = [t.detach().to(torch.float32 if t.dtype in (torch.bfloat16, torch.float16) else t.dtype).clone() for t in init]
     movable = list(range(len(state))) if movable is None else list(movable)
     keep = lambda: [t.detach().cpu().clone() for t in state]
     trajectory, steps, energies = ([keep()], [0], []) if record else (None, None, None)
@@ -46,7 +48,10 @@ def _langevin(potential, init, n_steps, step_size, noise, movable, record, recor
         grads = torch.autograd.grad(u.sum(), [state[i] for i in movable])
         with torch.no_grad():
             for i, g in zip(movable, grads):
-                state[i] = state[i] - 0.5 * step_size ** 2 * g + noise * torch.randn_like(state[i])
+                # randn in the logical order of the shape (randn_like would follow a channels-last tensor's memory
+                # order): the same seed gives the same chain in either memory format
+                eps = torch.randn(state[i].shape, dtype=state[i].dtype, device=state[i].device)
+                state[i] = state[i] - 0.5 * step_size ** 2 * g + noise * eps
         if record:
             energies.append(u.detach())
             if (k + 1) % record_every == 0 or k + 1 == n_steps: trajectory.append(keep()); steps.append(k + 1)

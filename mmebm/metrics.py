@@ -321,7 +321,9 @@ def frechet_distance(feat_a: torch.Tensor, feat_b: torch.Tensor) -> float:
 
 # %% ../nbs/06_metrics.ipynb #0610e382
 def real_features(ds: PolyMNIST, k: int, extractor, key: str, n: int, progress: bool = False) -> torch.Tensor:
-    "Features of the first n real images of modality k, cached beside the data set (keyed by split checksum)."
+    """Features of the first n real images of modality k, cached beside the data set, keyed by the split's checksum
+    and by `key`, which must name the extractor exactly (for classifiers: their checksum; see `evaluate`): a cache
+    keyed by a bare name would serve another extractor's features after the classifiers are retrained."""
     split_sha = read_manifest(ds.path)["files"][f"{ds.split}/m{k}.npy"][:16]
     f = ds.path / "fid_features" / f"{key}-{ds.split}-m{k}-{split_sha}-n{n}.pt"
     if f.exists(): return torch.load(f, weights_only=True)
@@ -459,7 +461,8 @@ def evaluate(run_dir, n_coherence: int = 500, n_fid: int = 1000, n_inception: in
         t0 = time.time(); res[name] = fn(); res["seconds"][name] = round(time.time() - t0, 1)
     timed("coherence", lambda: coherence_metrics(model, test, clf, n_coherence, kinds, subsets, run_dir, progress))
     timed("fid_classifier", lambda: {"features": "coherence classifier penultimate layer (128-d): not Inception FID"}
-          | fid_metrics(model, test, clf["models"], "clf" if not classifiers else "clf-published", n_fid, kinds, progress=progress))
+          | fid_metrics(model, test, clf["models"], ("clf-" if not classifiers else "clf-published-") + clf["sha256"][:12], n_fid, kinds,
+                        progress=progress))
     def inception():
         if not n_inception: return {"unavailable": "not requested (n_inception=0)"}
         try: ext, route = inception_extractor(inception_weights, inception_route)

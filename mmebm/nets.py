@@ -81,7 +81,11 @@ class EnergyHead(nn.Module):
         wrap = spectral_norm if sn else (lambda m: m)
         self.net = nn.Sequential(wrap(nn.Linear(in_dim, hidden)), nn.LeakyReLU(0.2), wrap(nn.Linear(hidden, 1)))
 
-    def forward(self, h): return self.net(h).squeeze(-1)
+    def forward(self, h):
+        # always float32, even under bf16 autocast: L_E is a difference of mean energies divided by T ~ 1e-5, and bf16
+        # rounds an energy of 0.03 to the nearest 1e-4, about the size of that difference early in training
+        with torch.autocast(h.device.type, enabled=False):
+            return self.net(h.float()).squeeze(-1)
 
 # %% ../nbs/01_nets.ipynb #6d138747
 def neg_log_lik(x: torch.Tensor, mean: torch.Tensor, sigma: float = 0.3, kind: str = "gaussian") -> torch.Tensor:

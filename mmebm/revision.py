@@ -5,14 +5,14 @@ the order G -> I -> E."""
 
 # %% ../nbs/04_revision.ipynb #5dce028b
 from __future__ import annotations
-import math, time
+import functools, math, time
 from contextlib import nullcontext
 from typing import Sequence
 import torch
 from .model import MMEBM, frozen
 
 # %% auto #0
-__all__ = ['ebm_loss', 'generator_loss', 'inference_loss', 'Diverged', 'check_loss', 'grad_norm', 'RevisionStep']
+__all__ = ['ebm_loss', 'generator_loss', 'inference_loss', 'Diverged', 'check_loss', 'grad_norm', 'bound_losses', 'RevisionStep']
 
 # %% ../nbs/04_revision.ipynb #09b5b02c
 def ebm_loss(model: MMEBM, x: Sequence[torch.Tensor], x_rev: Sequence[torch.Tensor], temper: bool = True) -> torch.Tensor:
@@ -68,13 +68,23 @@ def grad_norm(params) -> float:
     gs = [p.grad.detach().flatten() for p in params if p.grad is not None]
     return float(torch.cat(gs).norm()) if gs else 0.0
 
+def bound_losses(model: MMEBM) -> dict:
+    "The three losses with the model bound, keyed G, I, E: what `RevisionStep` calls on one process."
+    return {"G": functools.partial(generator_loss, model), "I": functools.partial(inference_loss, model),
+            "E": functools.partial(ebm_loss, model)}
+
 class RevisionStep:
     "One training iteration of the three models by MCMC revision (order G -> I -> E)."
     def __init__(self, model: MMEBM, opt_E, opt_G, opt_I, lambda_S: float = 50.0, lambda_I: float = 0.1,
-                 temper: bool = True, resample_after_g: bool = True, guard_threshold: float = 1e4, amp: bool = False):
+                 temper: bool = True, resample_after_g: bool = True, guard_threshold: float = 1e4, amp: bool = False,
+                 losses: dict | None = None, reduce=None):
         self.model, self.opt = model, {"E": opt_E, "G": opt_G, "I": opt_I}
         self.lambda_S, self.lambda_I, self.temper = lambda_S, lambda_I, temper
         self.resample_after_g, self.guard_threshold, self.amp = resample_after_g, guard_threshold, amp
+        # a process group swaps in DDP-wrapped losses (mmebm.scale.ddp_losses) and a mean over the ranks for
+        # every reported number, so that each rank's divergence guard takes the same decision
+        self.loss = losses or bound_losses(model)
+        self.reduce = reduce or (lambda t: t)
 
     def _autocast(self, device):
         return torch.autocast(device.type, dtype=torch.bfloat16) if self.amp else nullcontext()
@@ -101,15 +111,15 @@ class RevisionStep:
             z_rev = m.infer(dict(enumerate(x))).samples[0]
             t2 = now(); log["sec_langevin_z"] = t2 - t1
             # 4: generator step
-            L_G = generator_loss(m, x, z_rev, z, x_rev if paired else None, self.lambda_S)
-            check_loss("generator", L_G.item())
+            L_G = self.loss["G"](x, z_rev, z, x_rev if paired else None, self.lambda_S)
+            lg = self.reduce(L_G.detach()).item(); check_loss("generator", lg)
             self.opt["G"].zero_grad(set_to_none=True); L_G.backward()
             log["grad_G"] = grad_norm(m.generator.parameters()); self.opt["G"].step()
             t3 = now(); log["sec_G"] = t3 - t2
             # 5: inference step
-            L_I = inference_loss(m, x, z_rev, z, x_rev if paired else None, self.lambda_I,
+            L_I = self.loss["I"](x, z_rev, z, x_rev if paired else None, self.lambda_I,
                                  per_modality_chains=m.inference_mode == "independent")
-            check_loss("inference model", L_I.item())
+            li = self.reduce(L_I.detach()).item(); check_loss("inference model", li)
             self.opt["I"].zero_grad(set_to_none=True); L_I.backward()
             log["grad_I"] = grad_norm(m.inference.parameters()); self.opt["I"].step()
             t4 = now(); log["sec_I"] = t4 - t3
@@ -119,15 +129,16 @@ class RevisionStep:
                 x_rev = m.revise_x(x0).samples
             t5 = now(); log["sec_langevin_x"] += t5 - t4
             # 7: EBM step
-            L_E = ebm_loss(m, x, x_rev, self.temper)
-            check_loss("EBM", L_E.item() * T, self.guard_threshold)
+            L_E = self.loss["E"](x, x_rev, self.temper)
+            le = self.reduce(L_E.detach()).item(); check_loss("EBM", le * T, self.guard_threshold)
             self.opt["E"].zero_grad(set_to_none=True); L_E.backward()
             log["grad_E"] = grad_norm(m.ebm.parameters()); self.opt["E"].step()
             t6 = now(); log["sec_E"] = t6 - t5
             with torch.no_grad(), frozen(m.ebm):
-                log["E_data"], log["E_init"], log["E_revised"] = (float(m.ebm.energy(v).mean()) for v in (x, x0, x_rev))
-                # the experts' spread: a runaway here is the MoE instability the smoke profile guards against
-                log["logvar_I"] = float(torch.stack([lv.mean() for _, lv in m.inference.experts(dict(enumerate(x))).values()]).mean())
-        log.update(loss_E=L_E.item(), loss_G=L_G.item(), loss_I=L_I.item(), loss_E_times_T=L_E.item() * T,
-                   sec_iteration=now() - t0)
+                # mean energies of data, initialisers and revised samples, and the experts' spread (a runaway here
+                # is the MoE instability the smoke profile guards against): one reduction over the ranks for all four
+                stats = [m.ebm.energy(v).float().mean() for v in (x, x0, x_rev)]
+                stats.append(torch.stack([lv.float().mean() for _, lv in m.inference.experts(dict(enumerate(x))).values()]).mean())
+                log.update(zip(("E_data", "E_init", "E_revised", "logvar_I"), self.reduce(torch.stack(stats)).tolist()))
+        log.update(loss_E=le, loss_G=lg, loss_I=li, loss_E_times_T=le * T, sec_iteration=now() - t0)
         return log

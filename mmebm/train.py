@@ -5,7 +5,7 @@ and time budgets, a CSV log, atomic checkpoints that resume exactly, the diverge
 
 # %% ../nbs/05_train.ipynb #7c533cfb
 from __future__ import annotations
-import csv, dataclasses, hashlib, inspect, json, math, os, platform, random, subprocess, time
+import contextlib, csv, dataclasses, hashlib, inspect, json, math, os, platform, random, subprocess, time
 from dataclasses import dataclass, asdict
 from pathlib import Path
 import numpy as np
@@ -15,11 +15,12 @@ from tqdm.auto import tqdm
 from .data import PolyMNIST, polymnist_path, read_manifest
 from .model import MMEBM, frozen
 from .revision import RevisionStep, Diverged
+from . import scale
 
 # %% auto #0
-__all__ = ['BUDGET_KEYS', 'PROFILES', 'MODEL_KEYS', 'LOG_COLUMNS', 'Config', 'config_hash', 'save_config', 'load_config',
-           'profile', 'build_model', 'build_optimisers', 'resolve_device', 'runs_root', 'git_revision', 'device_name',
-           'quick_checks', 'Trainer', 'default_run_dir', 'train', 'plot_log', 'median_time', 'benchmark',
+__all__ = ['BUDGET_KEYS', 'LATER_FIELDS', 'PROFILES', 'MODEL_KEYS', 'LOG_COLUMNS', 'Config', 'config_hash', 'save_config',
+           'load_config', 'profile', 'build_model', 'build_optimisers', 'resolve_device', 'runs_root', 'git_revision',
+           'device_name', 'quick_checks', 'Trainer', 'default_run_dir', 'train', 'plot_log', 'median_time', 'benchmark',
            'sampling_throughput', 'format_benchmark']
 
 # %% ../nbs/05_train.ipynb #b17151fc
@@ -81,7 +82,10 @@ class Config:
     guard_threshold: float = 1e4           # |L_E T| above this counts as divergence
     seed: int = 0
     device: str = "auto"                   # auto | cpu | cuda
-    amp: bool = False                      # bf16 autocast (CUDA)
+    # the fast path (mmebm.scale): each switch changes speed, not what is computed (checked against the plain path)
+    amp: bool = False                      # bf16 autocast (meant for CUDA; runs on CPU too, slowly)
+    channels_last: bool = False            # channels-last memory format for the conv nets and the batch
+    compile: str | None = None             # torch.compile backend for every net ("inductor" on GPU), None: eager
 
     def replace(self, **kw) -> "Config":
         unknown = set(kw) - {f.name for f in dataclasses.fields(self)}
@@ -91,10 +95,13 @@ class Config:
 # Budget keys say how far a run goes, not what each iteration computes (nothing in training depends on the
 # total length), so they stay out of the run's identity: a longer budget continues the same run.
 BUDGET_KEYS = ("iterations", "epochs", "max_minutes", "checkpoint_every", "name")
+# Fields added after runs already existed: left out of the hash while at their defaults, so that those runs (and
+# the results that cite their hashes) keep their identity; set to anything else, they are part of it.
+LATER_FIELDS = {"channels_last": False, "compile": None}
 
 def config_hash(cfg: Config) -> str:
     "Eight hex digits identifying what a config computes per iteration (budgets excluded)."
-    d = {k: v for k, v in asdict(cfg).items() if k not in BUDGET_KEYS}
+    d = {k: v for k, v in asdict(cfg).items() if k not in BUDGET_KEYS and not (k in LATER_FIELDS and v == LATER_FIELDS[k])}
     return hashlib.sha256(json.dumps(d, sort_keys=True, default=list).encode()).hexdigest()[:8]
 
 def save_config(cfg: Config, path):
@@ -136,7 +143,10 @@ def build_optimisers(model: MMEBM, cfg: Config):
     return opt, {k: torch.optim.lr_scheduler.ExponentialLR(o, gamma=cfg.lr_decay) for k, o in opt.items()}
 
 def resolve_device(name: str = "auto") -> torch.device:
-    return torch.device("cuda" if name == "auto" and torch.cuda.is_available() else ("cpu" if name == "auto" else name))
+    "cuda when there is one (for `auto`); under a process group on CUDA, this rank's GPU."
+    d = torch.device("cuda" if name == "auto" and torch.cuda.is_available() else ("cpu" if name == "auto" else name))
+    r = scale.ranks()
+    return torch.device("cuda", r.local) if d.type == "cuda" and d.index is None and r.group else d
 
 def runs_root() -> Path:
     return Path(os.environ.get("MMEBM_RUNS_DIR", "runs"))
@@ -184,17 +194,24 @@ def _atomic_torch_save(obj, path: Path):
 class Trainer:
     "Trains MMEBM on PolyMNIST by MCMC revision for a Config, in its run directory."
     def __init__(self, cfg: Config, run_dir: str | os.PathLike | None = None):
-        self.cfg, self.device = cfg, resolve_device(cfg.device)
+        self.cfg, self.device, self.ranks = cfg, resolve_device(cfg.device), scale.ranks()
         self.run_dir = Path(run_dir) if run_dir else default_run_dir(cfg)
         self.data_path = polymnist_path(cfg.data, seed=cfg.data_seed, limit=cfg.data_limit)
         self.train_ds = PolyMNIST(self.data_path, "train")
         self.per_epoch = len(self.train_ds) // cfg.batch_size
         if self.per_epoch == 0: raise ValueError(f"batch size {cfg.batch_size} exceeds the {len(self.train_ds)} training tuples")
+        if cfg.batch_size % self.ranks.world: raise ValueError(f"batch size {cfg.batch_size} does not split over {self.ranks.world} ranks")
         torch.manual_seed(cfg.seed); np.random.seed(cfg.seed); random.seed(cfg.seed)
-        self.model = build_model(cfg).to(self.device)
+        self.model = scale.fast_path(build_model(cfg).to(self.device), cfg.channels_last, cfg.compile)
+        # every rank starts from the same parameters (DDP also broadcasts rank 0's); ranks > 0 then draw their
+        # own chain noise, while rank 0 keeps the stream a single process would have
+        if self.ranks.rank: torch.manual_seed(cfg.seed + 1_000_003 * self.ranks.rank)
         self.opt, self.sched = build_optimisers(self.model, cfg)
+        ddp = self.ranks.group
         self.step = RevisionStep(self.model, self.opt["E"], self.opt["G"], self.opt["I"], cfg.lambda_S, cfg.lambda_I,
-                                 cfg.temper, cfg.resample_after_g, cfg.guard_threshold, cfg.amp and self.device.type == "cuda")
+                                 cfg.temper, cfg.resample_after_g, cfg.guard_threshold, cfg.amp,
+                                 losses=scale.ddp_losses(self.model, self.device) if ddp else None,
+                                 reduce=scale.mean_over_ranks if ddp else None)
         self.iteration, self.wall_before = 0, 0.0
 
     @property
@@ -204,22 +221,32 @@ class Trainer:
 
     # ---- checkpoints
     def state_dict(self) -> dict:
+        "Everything a resumed run needs; under a process group, every rank's random state (a collective call)."
         rng = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
-        if torch.cuda.is_available(): rng["cuda"] = torch.cuda.get_rng_state_all()
+        if torch.cuda.is_available(): rng["cuda"] = torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else torch.cuda.get_rng_state_all()
+        all_rng = scale.gather_objects(rng)
         return {"model": self.model.state_dict(), "opt": {k: o.state_dict() for k, o in self.opt.items()},
                 "sched": {k: s.state_dict() for k, s in self.sched.items()}, "iteration": self.iteration,
-                "wall_seconds": self.wall_before, "rng": rng, "config": asdict(self.cfg)}
+                "wall_seconds": self.wall_before, "rng": all_rng[0], "rng_ranks": all_rng, "world_size": self.ranks.world,
+                "config": asdict(self.cfg)}
 
     def save_checkpoint(self):
-        _atomic_torch_save(self.state_dict(), self.run_dir / "checkpoint.pt")
+        "Every rank calls it (the random states are gathered); rank 0 writes."
+        state = self.state_dict()
+        if self.ranks.main: _atomic_torch_save(state, self.run_dir / "checkpoint.pt")
 
     def load_checkpoint(self, path=None):
         ck = torch.load(path or self.run_dir / "checkpoint.pt", map_location=self.device, weights_only=False)
+        if ck.get("world_size", 1) != self.ranks.world:
+            raise ValueError(f"this checkpoint was written by {ck.get('world_size', 1)} rank(s); resume it with as many, not {self.ranks.world}")
         self.model.load_state_dict(ck["model"])
         for k in self.opt: self.opt[k].load_state_dict(ck["opt"][k]); self.sched[k].load_state_dict(ck["sched"][k])
         self.iteration, self.wall_before = ck["iteration"], ck["wall_seconds"]
-        torch.set_rng_state(ck["rng"]["torch"]); np.random.set_state(ck["rng"]["numpy"]); random.setstate(ck["rng"]["python"])
-        if "cuda" in ck["rng"] and torch.cuda.is_available(): torch.cuda.set_rng_state_all(ck["rng"]["cuda"])
+        rng = ck.get("rng_ranks", [ck["rng"]])[self.ranks.rank]
+        torch.set_rng_state(rng["torch"]); np.random.set_state(rng["numpy"]); random.setstate(rng["python"])
+        if "cuda" in rng and torch.cuda.is_available():
+            if self.device.type == "cuda" and isinstance(rng["cuda"], torch.Tensor): torch.cuda.set_rng_state(rng["cuda"].cpu(), self.device)
+            else: torch.cuda.set_rng_state_all(rng["cuda"])
         return self
 
     @classmethod
@@ -232,7 +259,7 @@ class Trainer:
             raise ValueError(f"a resumed run may change only its budget {BUDGET_KEYS}, not {sorted(set(budget) - set(BUDGET_KEYS))}")
         t = cls(load_config(run_dir / "config.yaml").replace(**budget), run_dir).load_checkpoint()
         log = run_dir / "log.csv"
-        if log.exists():
+        if log.exists() and t.ranks.main:
             rows = list(csv.DictReader(log.open()))
             with log.open("w", newline="") as f:
                 w = csv.DictWriter(f, LOG_COLUMNS); w.writeheader()
@@ -246,19 +273,27 @@ class Trainer:
              "wall_seconds": round(self.wall_before, 1), "device": device_name(self.device), "torch": torch.__version__,
              "revision": git_revision(), "data": {"name": man["name"], "source": man["source"], "data_sha256": man["data_sha256"]},
              "config_hash": config_hash(self.cfg)} | extra
-        (self.run_dir / "status.json").write_text(json.dumps(s, indent=2) + "\n")
+        if self.ranks.group: s["ranks"] = self.ranks.world
+        if self.ranks.main: (self.run_dir / "status.json").write_text(json.dumps(s, indent=2) + "\n")
         return s
 
+    def ranks_in_sync(self) -> bool:
+        "Whether every rank holds the same parameters (what DDP promises; a collective call)."
+        digest = hashlib.sha256(b"".join(p.detach().cpu().numpy().tobytes() for p in self.model.parameters())).hexdigest()
+        return len(set(scale.gather_objects(digest))) == 1
+
     def fit(self, progress: bool = True) -> dict:
-        "Train until the iteration budget, the time budget, or divergence; return (and write) the status."
+        """Train until the iteration budget, the time budget, or divergence; return (and write) the status.
+        Under a process group every rank calls it; rank 0 alone writes the log, the status and the checkpoints."""
+        main = self.ranks.main
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(self.cfg, self.run_dir / "config.yaml")
+        if main: save_config(self.cfg, self.run_dir / "config.yaml")
         log_path = self.run_dir / "log.csv"
         new_log = not log_path.exists()
         start, cfg = time.perf_counter(), self.cfg
         deadline = start + cfg.max_minutes * 60 if cfg.max_minutes else None
-        bar = tqdm(total=self.total, initial=self.iteration, desc=self.run_dir.name, disable=not progress)
-        with log_path.open("a", newline="") as f:
+        bar = tqdm(total=self.total, initial=self.iteration, desc=self.run_dir.name, disable=not (progress and main))
+        with (log_path.open("a", newline="") if main else open(os.devnull, "w")) as f:
             w = csv.DictWriter(f, LOG_COLUMNS, extrasaction="ignore")
             if new_log: w.writeheader()
             state, extra, batches, batches_epoch = "completed", {}, None, None
@@ -267,8 +302,9 @@ class Trainer:
                 if epoch != batches_epoch:   # one shuffled pass per epoch; a resumed run starts at its batch j
                     batches, batches_epoch = self.train_ds.batches(cfg.batch_size, seed=cfg.seed, epoch=epoch, start=j), epoch
                 x, _ = next(batches)
+                x = scale.shard(x, self.ranks)   # every rank draws the same global batch and keeps its rows
                 try:
-                    row = self.step([t.to(self.device, non_blocking=True) for t in x])
+                    row = self.step(scale.to_memory_format([t.to(self.device, non_blocking=True) for t in x], cfg.channels_last))
                 except Diverged as e:
                     state, extra = "diverged", {"diverged_model": e.model, "loss": e.value, "reason": str(e),
                                                 "at_iteration": self.iteration + 1}
@@ -281,19 +317,23 @@ class Trainer:
                 now = time.perf_counter()
                 if self.iteration % cfg.checkpoint_every == 0 or self.iteration == self.total:
                     self.wall_before += now - start; start = now; f.flush(); self.save_checkpoint()
-                if deadline and now > deadline and self.iteration < self.total:
+                if deadline and self.iteration < self.total and scale.any_rank(now > deadline, self.device):
                     self.wall_before += now - start; start = now; f.flush(); self.save_checkpoint()
                     state, extra = "stopped", {"reason": f"time budget of {cfg.max_minutes} min reached"}
                     break
         bar.close()
+        if self.ranks.group: extra["ranks_in_sync"] = self.ranks_in_sync()
         if state == "diverged":
             self.wall_before += time.perf_counter() - start
             extra["last_good_checkpoint"] = str(self.run_dir / "checkpoint.pt") if (self.run_dir / "checkpoint.pt").exists() else None
-            print(f"stopped: {extra['reason']}; last good checkpoint: {extra['last_good_checkpoint']}")
+            if main: print(f"stopped: {extra['reason']}; last good checkpoint: {extra['last_good_checkpoint']}")
         return self._status(state, **extra)
 
 def default_run_dir(cfg: Config) -> Path:
-    return runs_root() / f"{cfg.name}-{config_hash(cfg)}"
+    """runs/<name>-<hash>; a run on N > 1 ranks draws other chain noise (another sample path of the same method),
+    so it lives apart, in runs/<name>-<hash>-<N>ranks."""
+    w = scale.ranks().world
+    return runs_root() / (f"{cfg.name}-{config_hash(cfg)}" + (f"-{w}ranks" if w > 1 else ""))
 
 def train(cfg: Config, run_dir=None, resume: bool = True, progress: bool = True) -> tuple[Trainer, dict]:
     "Train a config in its run directory, continuing from its checkpoint when there is one (and `resume`)."
@@ -333,28 +373,36 @@ def median_time(fn, repeats: int = 3, warmup: int = 1, device=None) -> float:
     return float(np.median(ts))
 
 def benchmark(cfg: Config, repeats: int = 3, warmup: int = 1, refiner_steps: int = 1000, refiner_width: int = 64):
-    "A table (pandas) of median seconds per part of one training iteration, and the whole-to-parts ratio."
+    """A table (pandas) of median seconds per part of one training iteration, and the whole-to-parts ratio, on the
+    config's fast-path switches (amp, channels_last, compile: compare a run with them against one without)."""
     import pandas as pd
     from mmebm.revision import generator_loss, inference_loss, ebm_loss
     device = resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)
-    model = build_model(cfg).to(device)
+    model = scale.fast_path(build_model(cfg).to(device), cfg.channels_last, cfg.compile)
     opt, _ = build_optimisers(model, cfg)
     step = RevisionStep(model, opt["E"], opt["G"], opt["I"], cfg.lambda_S, cfg.lambda_I, cfg.temper,
-                        cfg.resample_after_g, math.inf, cfg.amp and device.type == "cuda")
+                        cfg.resample_after_g, math.inf, cfg.amp)
     b = cfg.batch_size
     x = [torch.rand(b, cfg.channels, cfg.image_size, cfg.image_size, device=device) * 2 - 1 for _ in range(cfg.n_modalities)]
+    x = scale.to_memory_format(x, cfg.channels_last)
+    ac = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if cfg.amp else contextlib.nullcontext
     z = model.generator.prior(b, device)
     with torch.no_grad(): x0 = model.initial_x(z)
     x_rev = model.revise_x(x0).samples
     z_rev = model.infer(dict(enumerate(x))).samples[0]
     def update(key, loss_fn):
         def run():
-            loss = loss_fn(); opt[key].zero_grad(set_to_none=True); loss.backward(); opt[key].step()
+            with ac(): loss = loss_fn()
+            opt[key].zero_grad(set_to_none=True); loss.backward(); opt[key].step()
+        return run
+    def chain(fn):
+        def run():
+            with ac(): fn()
         return run
     parts = {
-        f"langevin_x ({cfg.K_x} steps)": lambda: model.revise_x(x0),
-        f"langevin_z ({cfg.K_z} steps)": lambda: model.infer(dict(enumerate(x))),
+        f"langevin_x ({cfg.K_x} steps)": chain(lambda: model.revise_x(x0)),
+        f"langevin_z ({cfg.K_z} steps)": chain(lambda: model.infer(dict(enumerate(x)))),
         "G update": update("G", lambda: generator_loss(model, x, z_rev, z, x_rev, cfg.lambda_S)),
         "I update": update("I", lambda: inference_loss(model, x, z_rev, z, x_rev, cfg.lambda_I, model.inference_mode == "independent")),
         "E update": update("E", lambda: ebm_loss(model, x, x_rev, cfg.temper)),
@@ -368,6 +416,7 @@ def benchmark(cfg: Config, repeats: int = 3, warmup: int = 1, refiner_steps: int
     rows.append({"part": "sum of parts", "count": None, "seconds": total_parts, "share_of_parts": 1.0})
     table = pd.DataFrame(rows)
     table.attrs.update(device=device_name(device), ratio=secs["iteration"] / total_parts, batch_size=b,
+                       fast_path={"amp": cfg.amp, "channels_last": cfg.channels_last, "compile": cfg.compile},
                        iterations_per_epoch=60000 // b, seconds_per_epoch=secs["iteration"] * (60000 // b))
     table.attrs.update(sampling_throughput(model, x, refiner_steps, refiner_width, repeats, warmup))
     return table
@@ -397,7 +446,8 @@ def sampling_throughput(model, x, refiner_steps: int = 1000, refiner_width: int 
 
 def format_benchmark(table) -> str:
     a = table.attrs
-    return (f"device: {a['device']}   batch: {a['batch_size']}\n" + table.to_string(index=False, float_format=lambda v: f"{v:.4f}") +
+    fast = ", ".join(f"{k}={v}" for k, v in a.get("fast_path", {}).items() if v) or "off (plain fp32, eager)"
+    return (f"device: {a['device']}   batch: {a['batch_size']}   fast path: {fast}\n" + table.to_string(index=False, float_format=lambda v: f"{v:.4f}") +
             f"\nwhole / sum of parts: {a['ratio']:.3f}\n"
             f"seconds per epoch (60,000 tuples, {a['iterations_per_epoch']} iterations): {a['seconds_per_epoch']:.1f}"
             f"\nimages/s through the EBM (energy + input gradient): {a['ebm_images_per_s']:,.0f}"
