@@ -131,6 +131,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                'mmebm.metrics.extract': ('metrics.html#extract', 'mmebm/metrics.py'),
                                'mmebm.metrics.fid_helper_file': ('metrics.html#fid_helper_file', 'mmebm/metrics.py'),
                                'mmebm.metrics.fid_metrics': ('metrics.html#fid_metrics', 'mmebm/metrics.py'),
+                               'mmebm.metrics.fingerprint': ('metrics.html#fingerprint', 'mmebm/metrics.py'),
                                'mmebm.metrics.frechet_distance': ('metrics.html#frechet_distance', 'mmebm/metrics.py'),
                                'mmebm.metrics.generation_latency': ('metrics.html#generation_latency', 'mmebm/metrics.py'),
                                'mmebm.metrics.get_classifiers': ('metrics.html#get_classifiers', 'mmebm/metrics.py'),

@@ -21,7 +21,7 @@ __all__ = ['ACCURACY_FLOOR', 'CLASSIFIER_VERSION', 'PUBLISHED_CLASSIFIER_FILE', 
            'check_floor', 'PublishedPolyMNISTClassifier', 'load_published_classifiers', 'save_published_format',
            'proper_subsets', 'model_device', 'conditional_coherence', 'summarise_conditional',
            'unconditional_coherence', 'ReferenceModel', 'fid_helper_file', 'inception_extractor', 'to_uint8', 'extract',
-           'frechet_distance', 'real_features', 'sample_many', 'parameter_counts', 'generation_latency',
+           'frechet_distance', 'fingerprint', 'real_features', 'sample_many', 'parameter_counts', 'generation_latency',
            'classifier_set', 'coherence_metrics', 'conditional_samples', 'fid_metrics', 'cost_metrics', 'evaluate']
 
 # %% ../nbs/06_metrics.ipynb #28dc7c58
@@ -320,12 +320,20 @@ def frechet_distance(feat_a: torch.Tensor, feat_b: torch.Tensor) -> float:
     return float(fid_statistics_to_metric(s_a, s_b, False)["frechet_inception_distance"])
 
 # %% ../nbs/06_metrics.ipynb #0610e382
+def fingerprint(extractor: nn.Module) -> str:
+    "Twelve hex digits of a checksum of the extractor's weights (computed once per module object)."
+    if not hasattr(extractor, "_mmebm_fingerprint"):
+        h = hashlib.sha256()
+        for name, t in sorted(extractor.state_dict().items()):
+            h.update(name.encode()); h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+        extractor._mmebm_fingerprint = h.hexdigest()[:12]
+    return extractor._mmebm_fingerprint
+
 def real_features(ds: PolyMNIST, k: int, extractor, key: str, n: int, progress: bool = False) -> torch.Tensor:
     """Features of the first n real images of modality k, cached beside the data set, keyed by the split's checksum
-    and by `key`, which must name the extractor exactly (for classifiers: their checksum; see `evaluate`): a cache
-    keyed by a bare name would serve another extractor's features after the classifiers are retrained."""
+    and by the extractor's weights (`fingerprint`): retrained classifiers never meet another set's cached features."""
     split_sha = read_manifest(ds.path)["files"][f"{ds.split}/m{k}.npy"][:16]
-    f = ds.path / "fid_features" / f"{key}-{ds.split}-m{k}-{split_sha}-n{n}.pt"
+    f = ds.path / "fid_features" / f"{key}-{fingerprint(extractor)}-{ds.split}-m{k}-{split_sha}-n{n}.pt"
     if f.exists(): return torch.load(f, weights_only=True)
     x, _ = ds.get_batch(np.arange(n))
     feats = extract(extractor, x[ds.modalities.index(k)], progress=progress, desc=f"real m{k} {key}")
@@ -461,8 +469,7 @@ def evaluate(run_dir, n_coherence: int = 500, n_fid: int = 1000, n_inception: in
         t0 = time.time(); res[name] = fn(); res["seconds"][name] = round(time.time() - t0, 1)
     timed("coherence", lambda: coherence_metrics(model, test, clf, n_coherence, kinds, subsets, run_dir, progress))
     timed("fid_classifier", lambda: {"features": "coherence classifier penultimate layer (128-d): not Inception FID"}
-          | fid_metrics(model, test, clf["models"], ("clf-" if not classifiers else "clf-published-") + clf["sha256"][:12], n_fid, kinds,
-                        progress=progress))
+          | fid_metrics(model, test, clf["models"], "clf" if not classifiers else "clf-published", n_fid, kinds, progress=progress))
     def inception():
         if not n_inception: return {"unavailable": "not requested (n_inception=0)"}
         try: ext, route = inception_extractor(inception_weights, inception_route)

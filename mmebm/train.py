@@ -5,7 +5,7 @@ and time budgets, a CSV log, atomic checkpoints that resume exactly, the diverge
 
 # %% ../nbs/05_train.ipynb #7c533cfb
 from __future__ import annotations
-import contextlib, csv, dataclasses, hashlib, inspect, json, math, os, platform, random, subprocess, time
+import csv, dataclasses, hashlib, inspect, json, math, os, platform, random, subprocess, time
 from dataclasses import dataclass, asdict
 from pathlib import Path
 import numpy as np
@@ -386,7 +386,7 @@ def benchmark(cfg: Config, repeats: int = 3, warmup: int = 1, refiner_steps: int
     b = cfg.batch_size
     x = [torch.rand(b, cfg.channels, cfg.image_size, cfg.image_size, device=device) * 2 - 1 for _ in range(cfg.n_modalities)]
     x = scale.to_memory_format(x, cfg.channels_last)
-    ac = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if cfg.amp else contextlib.nullcontext
+    ac = lambda: step._autocast(device)     # the parts run under the same autocast as the whole iteration
     z = model.generator.prior(b, device)
     with torch.no_grad(): x0 = model.initial_x(z)
     x_rev = model.revise_x(x0).samples
