@@ -48,7 +48,27 @@ def _config(a):
         if getattr(a, k, None) is not None: over[k] = getattr(a, k)
     return cfg.replace(**over)
 
+def _is_baseline_run(run) -> bool:
+    "Whether a run directory holds a baseline (its config.yaml has a `model` field)."
+    from mmebm.baselines import is_baseline_config
+    f = Path(run) / "config.yaml"
+    return f.exists() and is_baseline_config(yaml.safe_load(f.read_text()) or {})
+
+def _train_baseline(a):
+    from mmebm import baselines
+    if a.resume:
+        t = baselines.BaselineTrainer.resume(a.resume, **{k: getattr(a, k) for k in ("iterations", "max_minutes") if getattr(a, k) is not None})
+        status = t.fit(progress=not a.quiet)
+    else:
+        over = _parse_set(a.set) | {k: getattr(a, k) for k in ("iterations", "max_minutes", "device") if getattr(a, k, None) is not None}
+        t, status = baselines.train_baseline(baselines.baseline_profile(a.baseline, a.profile or "smoke", **over), a.run_dir,
+                                             progress=not a.quiet)
+    print(f"{t.run_dir}: {status['state']} at iteration {status['iteration']}/{status['iterations']}"
+          + (f" ({status['reason']})" if status.get("reason") else ""))
+    return 0 if status["state"] in ("completed", "stopped") else 3
+
 def _train(a):
+    if a.baseline or (a.resume and _is_baseline_run(a.resume)): return _train_baseline(a)
     from mmebm import train, scale
     # under torchrun every process runs this; they join one process group (gloo on CPU, NCCL on CUDA) first
     r = scale.init_distributed(a.device or "auto")
@@ -78,8 +98,9 @@ def _bench(a):
     return 0
 
 def _eval(a):
-    from mmebm import metrics
-    res = metrics.evaluate(a.run, n_coherence=a.n, n_fid=a.n_fid, n_inception=a.n_inception,
+    from mmebm import metrics, baselines
+    score = baselines.evaluate_baseline if _is_baseline_run(a.run) else metrics.evaluate
+    res = score(a.run, n_coherence=a.n, n_fid=a.n_fid, n_inception=a.n_inception,
                            inception_weights=a.inception_weights, inception_route=a.inception_route,
                            inception_conditional=not a.no_inception_conditional, classifiers=a.classifiers,
                            subsets=a.subsets, progress=not a.quiet)
@@ -88,7 +109,7 @@ def _eval(a):
     coh = res["coherence"]
     if "unavailable" in coh: print(f"coherence: not reported ({coh['unavailable']})")
     else:
-        for kind in ("generator", "ebm"):
+        for kind in res["settings"]["kinds"]:
             c = coh[f"conditional_{kind}"]
             print(f"coherence ({kind}): single-source {c['single_source_mean']:.3f}, by |S| "
                   + ", ".join(f"{k}: {v:.3f}" for k, v in c["by_size"].items()) + f"; unconditional {coh[f'unconditional_{kind}']:.3f}")
@@ -130,6 +151,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--resume", metavar="RUN", help="continue a run directory from its checkpoint")
     t.add_argument("--run-dir", default=None, help="where the run lives (default: $MMEBM_RUNS_DIR/<name>-<hash>)")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
+    t.add_argument("--baseline", default=None, metavar="KEY",
+                   help="train a baseline instead (mmvae_plus, mopoe, mwb, code, helvae, diff_cmvae; nbs/07_baselines)")
     t.set_defaults(func=_train)
     bn = sub.add_parser("bench", help="time one training iteration and each of its parts")
     bn.add_argument("--repeats", type=int, default=3)

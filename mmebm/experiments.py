@@ -15,13 +15,14 @@ import yaml
 from tqdm.auto import tqdm
 from .data import PolyMNIST, polymnist_path, read_manifest
 from .train import Config, profile, train, Trainer, config_hash, device_name, git_revision, resolve_device
-from . import metrics
+from . import metrics, baselines
+from .baselines import BaselineConfig, baseline_profile, baseline_config_hash, BASELINES
 
 # %% auto #0
 __all__ = ['REPRODUCE_ENV', 'PLAN_KEYS', 'SWEEPS', 'SMALL_FILES', 'NOTEBOOKS', 'reproduce_dir', 'load_plan', 'RunSpec',
-           'plan_runs', 'run_dir_of', 'finished_status', 'train_run', 'evaluate_run', 'sample_artefacts', 'collect',
-           'RunResults', 'run_notebook', 'write_index', 'update_readme', 'reproduce', 'lookup', 'markdown_table',
-           'save_table', 'to_signed']
+           'baseline_runs', 'plan_runs', 'is_baseline', 'run_dir_of', 'hash_of', 'finished_status', 'train_run',
+           'evaluate_run', 'sample_artefacts', 'collect', 'RunResults', 'run_notebook', 'write_index', 'update_readme',
+           'reproduce', 'lookup', 'markdown_table', 'save_table', 'to_signed']
 
 # %% ../nbs/08_experiments.ipynb #b6adb82a
 REPRODUCE_ENV = "MMEBM_REPRODUCE_DIR"
@@ -34,7 +35,7 @@ def reproduce_dir() -> Path:
     return d
 
 PLAN_KEYS = {"name", "description", "profile", "set", "main", "ablation_iterations", "ablations", "eval", "samples",
-             "update_readme"}
+             "update_readme", "baselines"}
 SWEEPS = ("K_x", "K_z", "noise_K_x")
 
 def load_plan(name_or_path: str) -> dict:
@@ -48,6 +49,8 @@ def load_plan(name_or_path: str) -> dict:
     if set(plan) - PLAN_KEYS: raise ValueError(f"{p}: unknown plan keys {sorted(set(plan) - PLAN_KEYS)}")
     unknown = set(plan.get("ablations", {})) - set(SWEEPS) - {"latent", "inference"}
     if unknown: raise ValueError(f"{p}: unknown ablations {sorted(unknown)}")
+    unknown = set((plan.get("baselines") or {}).get("iterations", {})) - set(BASELINES)
+    if unknown: raise ValueError(f"{p}: unknown baselines {sorted(unknown)}; known: {sorted(BASELINES)}")
     plan.setdefault("name", p.stem); plan.setdefault("set", {}); plan.setdefault("samples", {})
     plan["path"] = str(p)
     return plan
@@ -55,11 +58,20 @@ def load_plan(name_or_path: str) -> dict:
 # %% ../nbs/08_experiments.ipynb #5c19dc78
 @dataclass
 class RunSpec:
-    "One run of a plan: its role, its resolved config, and how much evaluation it gets (None: none)."
+    "One run of a plan: its role, its resolved config (ours or a baseline's), and how much evaluation it gets (None: none)."
     role: str
-    cfg: Config
+    cfg: Config | BaselineConfig
     evaluate: dict | None = None
     artefacts: bool = False
+
+def baseline_runs(plan: dict, base: Config) -> list[RunSpec]:
+    """The plan's baseline runs (role `baseline-<key>`): same data, seed and device as ours, the iterations the plan
+    gives each (calibrated to our main run's wall clock in `smoke`), scored with the main run's settings."""
+    b = plan.get("baselines") or {}
+    return [RunSpec(f"baseline-{key}", baseline_profile(key, plan["profile"], name=f"{plan['name']}-{key}", iterations=int(n), epochs=None,
+                                                      data=base.data, data_seed=base.data_seed, data_limit=base.data_limit,
+                                                      seed=base.seed, device=base.device, **(b.get("set") or {}).get(key, {})),
+                    plan["eval"]["main"]) for key, n in (b.get("iterations") or {}).items()]
 
 def plan_runs(plan: dict) -> tuple[list[RunSpec], dict]:
     "The runs a plan needs (main first) and the sweep table {sweep: {value: role}}."
@@ -67,6 +79,7 @@ def plan_runs(plan: dict) -> tuple[list[RunSpec], dict]:
     named = lambda role, **kw: base.replace(name=f"{plan['name']}-{role}", **kw)
     ev = plan["eval"]
     runs = [RunSpec("main", named("main", **plan["main"]), ev["main"], artefacts=True)]
+    runs += baseline_runs(plan, base)
     abl = plan.get("ablations") or {}
     if not abl: return runs, {}
     n_abl = dict(iterations=plan["ablation_iterations"], epochs=None)
@@ -88,9 +101,14 @@ def plan_runs(plan: dict) -> tuple[list[RunSpec], dict]:
     return runs, sweeps
 
 # %% ../nbs/08_experiments.ipynb #931a3d18
+def is_baseline(spec: RunSpec) -> bool: return isinstance(spec.cfg, BaselineConfig)
+
 def run_dir_of(spec: RunSpec) -> Path:
     from mmebm.train import default_run_dir
-    return default_run_dir(spec.cfg)
+    return baselines.baseline_run_dir(spec.cfg) if is_baseline(spec) else default_run_dir(spec.cfg)
+
+def hash_of(spec: RunSpec) -> str:
+    return baseline_config_hash(spec.cfg) if is_baseline(spec) else config_hash(spec.cfg)
 
 def finished_status(spec: RunSpec) -> dict | None:
     "The run's status when it completed with exactly this config and budget (a time budget aside), else None."
@@ -98,7 +116,10 @@ def finished_status(spec: RunSpec) -> dict | None:
     d = run_dir_of(spec)
     if not ((d / "status.json").exists() and (d / "config.yaml").exists()): return None
     status = json.loads((d / "status.json").read_text())
-    same = load_config(d / "config.yaml").replace(max_minutes=None) == spec.cfg.replace(max_minutes=None)
+    saved = yaml.safe_load((d / "config.yaml").read_text()) or {}
+    if baselines.is_baseline_config(saved) != is_baseline(spec): return None
+    load = baselines.load_baseline_config if is_baseline(spec) else load_config
+    same = load(d / "config.yaml").replace(max_minutes=None) == spec.cfg.replace(max_minutes=None)
     return status if status.get("state") == "completed" and same else None
 
 def train_run(spec: RunSpec, progress: bool = True) -> dict:
@@ -107,7 +128,8 @@ def train_run(spec: RunSpec, progress: bool = True) -> dict:
     if done: return done       # its status (and the revision that trained it) stand
     d = run_dir_of(spec)
     try:
-        _, status = train(spec.cfg, d, resume=True, progress=progress)
+        fit = baselines.train_baseline if is_baseline(spec) else train
+        _, status = fit(spec.cfg, d, resume=True, progress=progress)
         return status
     except Exception as e:      # recorded, not fatal: the notebooks that need this run say it is missing
         return {"state": "error", "reason": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()}
@@ -122,7 +144,8 @@ def evaluate_run(spec: RunSpec, progress: bool = True) -> dict | None:
         old = json.loads(f.read_text())
         same = {k: old.get("settings", {}).get(k) for k in spec.evaluate} == spec.evaluate
         if same and old["provenance"]["iteration"] == status["iteration"]: return old
-    return metrics.evaluate(d, progress=progress, **spec.evaluate)
+    score = baselines.evaluate_baseline if is_baseline(spec) else metrics.evaluate
+    return score(d, progress=progress, **spec.evaluate)
 
 # %% ../nbs/08_experiments.ipynb #d82a81e7
 def _u8(xs) -> np.ndarray:
@@ -164,7 +187,7 @@ def collect(plan: dict, specs: list[RunSpec], sweeps: dict, states: dict, result
         dst.mkdir(parents=True)
         for f in SMALL_FILES:
             if (src / f).exists(): shutil.copy2(src / f, dst / f)
-        index["runs"][spec.role] = {"run_dir": str(src), "config_hash": config_hash(spec.cfg), "evaluated": spec.evaluate is not None,
+        index["runs"][spec.role] = {"run_dir": str(src), "config_hash": hash_of(spec), "evaluated": spec.evaluate is not None,
                                     "state": states.get(spec.role, {}).get("state", "missing"),
                                     "reason": states.get(spec.role, {}).get("reason")}
     (results_dir / "runs.json").write_text(json.dumps(index, indent=2, default=str) + "\n")

@@ -22,7 +22,8 @@ __all__ = ['ACCURACY_FLOOR', 'CLASSIFIER_VERSION', 'PUBLISHED_CLASSIFIER_FILE', 
            'proper_subsets', 'model_device', 'conditional_coherence', 'summarise_conditional',
            'unconditional_coherence', 'ReferenceModel', 'fid_helper_file', 'inception_extractor', 'to_uint8', 'extract',
            'frechet_distance', 'fingerprint', 'real_features', 'sample_many', 'parameter_counts', 'generation_latency',
-           'classifier_set', 'coherence_metrics', 'conditional_samples', 'fid_metrics', 'cost_metrics', 'evaluate']
+           'revision_of', 'kinds_of', 'classifier_set', 'coherence_metrics', 'conditional_samples', 'fid_metrics',
+           'cost_metrics', 'evaluate']
 
 # %% ../nbs/06_metrics.ipynb #28dc7c58
 class MetricUnavailable(RuntimeError):
@@ -356,12 +357,14 @@ def parameter_counts(model) -> dict:
     return out
 
 def generation_latency(model, n: int = 64, repeats: int = 3) -> dict:
-    "Seconds per sample: generator only and generator + EBM revision, at batch n and batch 1."
+    """Seconds per sample at batch n and batch 1: generator only, and generator + the model's second stage when it has
+    one (`revision_of`: our EBM's Langevin kernel, a baseline's diffusion refiner)."""
     from mmebm.train import median_time
     dev = next(model.parameters()).device
     timed = lambda fn: median_time(fn, repeats, 1, dev)
     out = {}
-    for revised, name in ((False, "generator"), (True, "generator+ebm")):
+    second = revision_of(model)
+    for revised, name in ((False, "generator"), (True, f"generator+{second}"))[:2 if second else 1]:
         with torch.no_grad():
             out[f"{name}_s_per_sample_batch{n}"] = timed(lambda: model.sample(n, revised=revised)) / n
             out[f"{name}_s_batch1"] = timed(lambda: model.sample(1, revised=revised))
@@ -375,6 +378,16 @@ def _flatten(d, prefix=""):
         elif not isinstance(v, (list, tuple)): yield key, v
 
 KINDS = ("generator", "ebm")    # generator samples, and the same samples revised by the EBM's Langevin kernel
+
+def revision_of(model) -> str | None:
+    """The name of a model's second stage, which `revised=True` runs: "ebm" for ours (the default), what a baseline
+    declares in `revised_by` ("refiner" for Diff-CMVAE), None for one-stage models."""
+    return getattr(model, "revised_by", "ebm")
+
+def kinds_of(model) -> tuple[str, ...]:
+    "What the protocol scores for a model: its generator samples, and the revised ones when it has a second stage."
+    second = revision_of(model)
+    return ("generator",) + ((second,) if second else ())
 
 def classifier_set(data_path, classifiers: str | None = None, device="cpu", progress: bool = True) -> dict:
     "Our classifiers for the data set (`classifiers=None`), or the published ones from the folder it names."
@@ -391,10 +404,10 @@ def coherence_metrics(model, ds: PolyMNIST, clf: dict, n: int, kinds=KINDS, subs
     chosen = [(m,) for m in range(M)] if subsets == "single" else None
     out = {"n_conditional": n, "n_unconditional": n, "subsets": subsets}
     for kind in kinds:
-        table = conditional_coherence(model, ds, clf, n, revised=kind == "ebm", progress=progress, subsets=chosen)
+        table = conditional_coherence(model, ds, clf, n, revised=kind != "generator", progress=progress, subsets=chosen)
         if out_dir: table.assign(kind=kind).to_csv(Path(out_dir) / f"coherence_conditional_{kind}.csv", index=False)
         out[f"conditional_{kind}"] = summarise_conditional(table)
-        out[f"unconditional_{kind}"] = unconditional_coherence(model, clf, n, revised=kind == "ebm")
+        out[f"unconditional_{kind}"] = unconditional_coherence(model, clf, n, revised=kind != "generator")
     return out
 
 @torch.no_grad()
@@ -418,12 +431,12 @@ def fid_metrics(model, ds: PolyMNIST, extractor, key: str, n: int, kinds=KINDS, 
     with_mean = lambda d: d | {"mean": float(np.mean(list(d.values())))}
     out = {"n": n, "conditional": conditional}
     for kind in kinds:
-        gen = sample_many(model, n, kind == "ebm")
+        gen = sample_many(model, n, kind != "generator")
         out[f"unconditional_{kind}"] = with_mean({f"m{k}": fd(k, g, kind) for k, g in enumerate(gen)})
         if conditional:
             per = {t: [] for t in range(M)}
             for src in range(M):      # one generation per source serves every target
-                g = conditional_samples(model, ds, src, n, kind == "ebm")
+                g = conditional_samples(model, ds, src, n, kind != "generator")
                 for t in range(M):
                     if t != src: per[t].append(fd(t, g[t], f"{kind} from m{src}"))
             out[f"conditional_{kind}_single_source"] = with_mean({f"m{t}": float(np.mean(v)) for t, v in per.items()})
@@ -434,21 +447,26 @@ def cost_metrics(model, run_dir=None) -> dict:
     import pandas as pd
     from mmebm.train import device_name
     out = {"parameters": parameter_counts(model), "latency": generation_latency(model), "device": device_name(model_device(model))}
+    if hasattr(model, "sampling_parameters"): out["sampling_parameters"] = model.sampling_parameters()   # the baselines say theirs
     log = Path(run_dir) / "log.csv" if run_dir else None
     if log and log.exists(): out["train_s_per_iteration_median"] = float(pd.read_csv(log)["sec_iteration"].median())
     return out
 
 def evaluate(run_dir, n_coherence: int = 500, n_fid: int = 1000, n_inception: int = 0, inception_weights: str | None = None,
              inception_route: str = "auto", inception_conditional: bool = True, classifiers: str | None = None,
-             subsets: str = "all", kinds=KINDS, progress: bool = True) -> dict:
+             subsets: str = "all", kinds=None, progress: bool = True, load=None) -> dict:
     """Score a trained run with the common protocol; write metrics.json and metrics.csv into the run directory.
-    n_inception=0 skips Inception FID (recorded as not requested); `classifiers` names the published ones."""
+    n_inception=0 skips Inception FID (recorded as not requested); `classifiers` names the published ones.
+    `load(run_dir)` gives the trained run (default: ours, `Trainer.resume`; the baselines pass their own): anything
+    with `model`, `cfg` (name, seed), `iteration`, `per_epoch`, `wall_before` and `data_path`. `kinds` defaults to
+    `kinds_of(model)`."""
     import pandas as pd
     from mmebm.train import Trainer, device_name, git_revision
     import mmebm
     run_dir = Path(run_dir)
-    t = Trainer.resume(run_dir)
+    t = (load or Trainer.resume)(run_dir)
     model = t.model.eval()
+    kinds = tuple(kinds or kinds_of(model))
     test = PolyMNIST(t.data_path, "test")
     status = json.loads((run_dir / "status.json").read_text()) if (run_dir / "status.json").exists() else {}
     man = read_manifest(t.data_path)

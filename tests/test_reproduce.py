@@ -16,7 +16,8 @@ from mmebm import experiments as X
 
 TABLES = {
     "main_table": ["model", "FID Inception uncond", "FID Inception cond", "FID clf uncond", "FID clf cond",
-                   "coh |S|=1", "coh |S|=2", "coh |S|=3", "coh |S|=4", "coh single-source", "coh unconditional", "run"],
+                   "coh |S|=1", "coh |S|=2", "coh |S|=3", "coh |S|=4", "coh single-source", "coh unconditional", "iterations",
+                   "train s", "run"],
     "ebm_loss_stats": ["run", "setting", "iterations", "mean L_E*T (2nd half)", "std (2nd half)", "mean |step change|"],
     "generator_loss_stats": ["run", "setting", "iterations", "mean L_G (2nd half)", "std L_G (2nd half)", "mean L_I (2nd half)"],
     "trajectory_movement": ["chain", "m0", "m1", "m2", "m3", "m4", "start", "end", "steps"],
@@ -52,7 +53,11 @@ def test_tiny_reproduce_produces_every_table_and_figure(tiny):
     main = pd.read_csv(res / "tables" / "main_table.csv")
     ours = main[main["model"].str.startswith("MMEBM")]
     assert len(ours) == 2 and ours["FID clf uncond"].notna().all() and ours["FID clf cond"].notna().all()
-    assert main[~main["model"].str.startswith("MMEBM")]["FID clf uncond"].isna().all()    # baselines: no number
+    others = main[~main["model"].str.startswith("MMEBM")]                                 # every baseline measured:
+    assert len(others) == 7 and others["FID clf uncond"].notna().all() and others["iterations"].eq(4).all()  # (CMVAE + Diff-CMVAE: one run)
+    assert {"Diff-CMVAE (CMVAE + DDPM refiner)", "MMVAE+", "HELVAE"} <= set(others["model"])
+    cost = pd.read_csv(res / "tables" / "cost.csv")
+    assert cost["model"].str.contains("DDPM refiner").sum() == 1 and cost["ms (batch 1)"].notna().sum() == 9   # ours 2, baselines 7
     assert "below the floor" in (res / "tables" / "main_table.md").read_text()           # tiny classifiers: refused, said why
     steps = pd.read_csv(res / "tables" / "step_ablation.csv")
     assert set(steps["sweep"]) == {"K_x", "K_z"} and (steps["state"] == "ok").all() and steps["s/iteration"].gt(0).all()
@@ -65,7 +70,8 @@ def test_tiny_reproduce_produces_every_table_and_figure(tiny):
     index = (res / "README.md").read_text()
     assert "| main | completed | 6 |" in index and "sha256" in index and "ok" in index and "training" in index
     runs = json.loads((res / "runs.json").read_text())
-    assert set(runs["runs"]) == {"main", "center", "latent-independent", "inference-independent", "Kx2", "Kz1", "noise-Kx2", "noise-Kx4"}
+    assert set(runs["runs"]) == {"main", "center", "latent-independent", "inference-independent", "Kx2", "Kz1", "noise-Kx2", "noise-Kx4",
+                                 *(f"baseline-{k}" for k in ("mmvae_plus", "mopoe", "mwb", "code", "helvae", "diff_cmvae"))}
     assert runs["sweeps"]["K_x"] == {"2": "Kx2", "3": "center"}
 
 
@@ -106,9 +112,9 @@ def test_chained_time_boxed_calls_finish_the_plan_exactly(tiny, tmp_path, monkey
     assert calls > 2                                                   # it really was cut, more than once
     assert all(s["state"] == "completed" for s in out["runs"].values())
     timing = [c for c in pd.read_csv(root / "results" / "runs" / "main" / "log.csv").columns if c.startswith("sec_")]
-    for role in ("main", "center", "Kx2", "noise-Kx4"):
-        one = pd.read_csv(root / "results" / "runs" / role / "log.csv").drop(columns=timing)
-        chained = pd.read_csv(tmp_path / "results" / "runs" / role / "log.csv").drop(columns=timing)
+    for role in ("main", "center", "Kx2", "noise-Kx4", "baseline-code", "baseline-diff_cmvae"):
+        one = pd.read_csv(root / "results" / "runs" / role / "log.csv").drop(columns=timing, errors="ignore")
+        chained = pd.read_csv(tmp_path / "results" / "runs" / role / "log.csv").drop(columns=timing, errors="ignore")
         pd.testing.assert_frame_equal(one, chained)                   # bit-exact resume across calls
     m1 = json.loads((root / "results" / "runs" / "main" / "metrics.json").read_text())
     m2 = json.loads((tmp_path / "results" / "runs" / "main" / "metrics.json").read_text())
