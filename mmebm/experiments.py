@@ -21,8 +21,8 @@ from .baselines import BaselineConfig, baseline_profile, baseline_config_hash, B
 # %% auto #0
 __all__ = ['REPRODUCE_ENV', 'PLAN_KEYS', 'SWEEPS', 'SMALL_FILES', 'NOTEBOOKS', 'reproduce_dir', 'load_plan', 'RunSpec',
            'baseline_runs', 'plan_runs', 'is_baseline', 'run_dir_of', 'hash_of', 'finished_status', 'train_run',
-           'evaluate_run', 'sample_artefacts', 'collect', 'RunResults', 'run_notebook', 'write_index', 'update_readme',
-           'reproduce', 'lookup', 'markdown_table', 'save_table', 'to_signed']
+           'evaluate_run', 'sample_artefacts', 'baseline_sample_artefacts', 'collect', 'RunResults', 'run_notebook',
+           'write_index', 'update_readme', 'reproduce', 'lookup', 'markdown_table', 'save_table', 'to_signed']
 
 # %% ../nbs/08_experiments.ipynb #b6adb82a
 REPRODUCE_ENV = "MMEBM_REPRODUCE_DIR"
@@ -71,7 +71,7 @@ def baseline_runs(plan: dict, base: Config) -> list[RunSpec]:
     return [RunSpec(f"baseline-{key}", baseline_profile(key, plan["profile"], name=f"{plan['name']}-{key}", iterations=int(n), epochs=None,
                                                       data=base.data, data_seed=base.data_seed, data_limit=base.data_limit,
                                                       seed=base.seed, device=base.device, **(b.get("set") or {}).get(key, {})),
-                    plan["eval"]["main"]) for key, n in (b.get("iterations") or {}).items()]
+                    plan["eval"]["main"], artefacts=True) for key, n in (b.get("iterations") or {}).items()]
 
 def plan_runs(plan: dict) -> tuple[list[RunSpec], dict]:
     "The runs a plan needs (main first) and the sweep table {sweep: {value: role}}."
@@ -172,9 +172,24 @@ def sample_artefacts(run_dir, n_grid: int = 8, n_cross: int = 4, n_traj: int = 4
                         traj_z_steps=np.array(tr["z"].steps), iteration=t.iteration)
     return out
 
+@torch.no_grad()
+def baseline_sample_artefacts(run_dir, n_grid: int = 8, n_cross: int = 4, seed: int = 0, **unused) -> Path:
+    """`samples.npz` of a baseline run: real tuples, unconditional samples (`generator`; `revised` too when the model
+    has a second stage) and every modality generated from each single one (`cross`), as for our main run."""
+    t = baselines.BaselineTrainer.resume(run_dir)
+    model, dev = t.model.eval(), t.device
+    test = PolyMNIST(t.data_path, "test")
+    torch.manual_seed(seed); np.random.seed(seed)
+    x, y = test.get_batch(np.arange(max(n_grid, n_cross)))
+    out = dict(real=_u8(x)[:, :n_grid], labels=y[:n_grid], generator=_u8(model.sample(n_grid)), iteration=t.iteration,
+               cross=np.stack([_u8(model.generate({s: x[s][:n_cross].to(dev)})) for s in range(model.n_modalities)]))
+    if metrics.revision_of(model): out["revised"] = _u8(model.sample(n_grid, revised=True))
+    np.savez_compressed(Path(run_dir) / "samples.npz", **out)
+    return Path(run_dir) / "samples.npz"
+
 # %% ../nbs/08_experiments.ipynb #29655c14
 SMALL_FILES = ("config.yaml", "status.json", "log.csv", "metrics.json", "metrics.csv", "coherence_conditional_generator.csv",
-               "coherence_conditional_ebm.csv", "samples.npz")
+               "coherence_conditional_ebm.csv", "coherence_conditional_refiner.csv", "samples.npz")
 
 def collect(plan: dict, specs: list[RunSpec], sweeps: dict, states: dict, results_dir) -> Path:
     "Copy each run's small files into results_dir/runs/<role>/ and write results_dir/runs.json."
@@ -372,7 +387,7 @@ def reproduce(plan: str | dict, results_dir=None, progress: bool = True, noteboo
         stage("scoring", t0)
     for spec in (s for s in specs if s.artefacts and ok(s)):
         t0 = time.time(); say(f"samples and trajectories of {spec.role}")
-        sample_artefacts(run_dir_of(spec), **plan.get("samples", {}))
+        (baseline_sample_artefacts if is_baseline(spec) else sample_artefacts)(run_dir_of(spec), **plan.get("samples", {}))
         stage("samples", t0)
     collect(plan, specs, sweeps, states, results_dir)
 

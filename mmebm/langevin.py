@@ -70,17 +70,19 @@ def langevin_x(energy: Callable[[list[torch.Tensor]], torch.Tensor], x: Sequence
 
 # %% ../nbs/02_langevin.ipynb #a3f9a90e
 def posterior_potential(decode: Callable, observed: dict[int, torch.Tensor], sigma: float = 0.3,
-                        likelihood: str = "gaussian") -> Callable[[list[torch.Tensor]], torch.Tensor]:
-    "U(z) = ||z||^2 / 2 + sum over observed m of -log p_t(x_m | z), as a potential over the state [z]."
+                        likelihood: str | Sequence[str] = "gaussian") -> Callable[[list[torch.Tensor]], torch.Tensor]:
+    """U(z) = ||z||^2 / 2 + sum over observed m of -log p_t(x_m | z), as a potential over the state [z].
+    `likelihood` is one kind for every modality or one per modality (a caption's is "categorical")."""
     mods = sorted(observed)
+    kind = (lambda m: likelihood) if isinstance(likelihood, str) else (lambda m: likelihood[m])
     def potential(state):
         z = state[0]
         means = decode(z, mods)
-        return 0.5 * z.pow(2).sum(1) + sum(neg_log_lik(observed[m], g, sigma, likelihood) for m, g in zip(mods, means))
+        return 0.5 * z.pow(2).sum(1) + sum(neg_log_lik(observed[m], g, sigma, kind(m)) for m, g in zip(mods, means))
     return potential
 
 def langevin_z(decode: Callable, z: torch.Tensor, observed: dict[int, torch.Tensor], n_steps: int = 10,
-               step_size: float = 0.1, noise: float = 0.1, sigma: float = 0.3, likelihood: str = "gaussian",
+               step_size: float = 0.1, noise: float = 0.1, sigma: float = 0.3, likelihood: str | Sequence[str] = "gaussian",
                record: bool = False, record_every: int = 1) -> LangevinResult:
     "T_z: revise latent samples z by Langevin on the generator posterior p(z | x_S), S = the observed modalities."
     return langevin(posterior_potential(decode, observed, sigma, likelihood), [z], n_steps, step_size, noise,

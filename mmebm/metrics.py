@@ -465,6 +465,8 @@ def evaluate(run_dir, n_coherence: int = 500, n_fid: int = 1000, n_inception: in
     import mmebm
     run_dir = Path(run_dir)
     t = (load or Trainer.resume)(run_dir)
+    if getattr(t.cfg, "dataset", "polymnist") != "polymnist":
+        raise NotImplementedError(f"{run_dir}: scoring CUB runs (image FID, image and caption classifiers) is not written yet")
     model = t.model.eval()
     kinds = tuple(kinds or kinds_of(model))
     test = PolyMNIST(t.data_path, "test")

@@ -9,20 +9,36 @@ from __future__ import annotations
 from typing import Protocol, Sequence
 import torch
 from torch import nn
-from .nets import ImageEncoder, ImageDecoder, EnergyTrunk, EnergyHead, neg_log_lik, gaussian_log_prob
+from .nets import (ImageEncoder, ImageDecoder, EnergyTrunk, EnergyHead, neg_log_lik, gaussian_log_prob,
+                        TextEncoder, TextDecoder, TextEnergyTrunk)
 from .langevin import LangevinResult, langevin_x, langevin_z, temperature
 
 # %% auto #0
-__all__ = ['MultimodalEBM', 'latent_block', 'SharedLatentGenerator', 'MoEInference', 'MultimodalGenerativeModel', 'frozen',
-           'MMEBM']
+__all__ = ['modality_specs', 'MultimodalEBM', 'latent_block', 'SharedLatentGenerator', 'MoEInference',
+           'MultimodalGenerativeModel', 'frozen', 'MMEBM']
+
+# %% ../nbs/03_model.ipynb #c45ee7a6
+def modality_specs(n_modalities: int = 5, size: int = 28, channels: int = 3, modalities: Sequence[dict] | None = None) -> list[dict]:
+    "One spec per modality (see above); checked, with a clear error for anything else."
+    if modalities is None: return [{"kind": "image", "size": size, "channels": channels} for _ in range(n_modalities)]
+    specs = [dict(s) for s in modalities]
+    if len(specs) != n_modalities: raise ValueError(f"{len(specs)} modality specs for n_modalities={n_modalities}")
+    need = {"image": {"size", "channels"}, "text": {"vocab", "length"}}
+    for s in specs:
+        if s.get("kind") not in need: raise ValueError(f"a modality's kind is 'image' or 'text', not {s.get('kind')!r}")
+        if need[s["kind"]] - set(s): raise ValueError(f"an {s['kind']} modality needs {sorted(need[s['kind']])}, got {s}")
+        if s["kind"] == "text" and s["length"] % 8: raise ValueError(f"caption length must be a multiple of 8, not {s['length']}")
+    return specs
 
 # %% ../nbs/03_model.ipynb #cf934c88
 class MultimodalEBM(nn.Module):
     "f_a(x_1..x_M): per-modality spectral-normalised trunks, features concatenated, an MLP head to one scalar."
     def __init__(self, n_modalities: int = 5, size: int = 28, channels: int = 3, width: int = 32,
-                 feat_dim: int = 128, hidden: int = 256, sn_head: bool = False):
+                 feat_dim: int = 128, hidden: int = 256, sn_head: bool = False, modalities: Sequence[dict] | None = None):
         super().__init__()
-        self.trunks = nn.ModuleList(EnergyTrunk(size, channels, width, feat_dim) for _ in range(n_modalities))
+        trunk = lambda s: (EnergyTrunk(s["size"], s["channels"], width, feat_dim) if s["kind"] == "image"
+                           else TextEnergyTrunk(s["vocab"], s["length"], width=width, feat_dim=feat_dim))
+        self.trunks = nn.ModuleList(trunk(s) for s in modality_specs(n_modalities, size, channels, modalities))
         self.head = EnergyHead(n_modalities * feat_dim, hidden, sn_head)
 
     def forward(self, xs: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -41,12 +57,18 @@ def latent_block(z: torch.Tensor, m: int, latent: str, latent_dim: int) -> torch
 class SharedLatentGenerator(nn.Module):
     "p(z) = N(0, I); p_t(x_m | z) = N(g_m(z), sigma^2 I) (or Laplace) with one decoder g_m per modality."
     def __init__(self, n_modalities: int = 5, latent_dim: int = 64, size: int = 28, channels: int = 3,
-                 width: int = 32, latent: str = "shared", sigma: float = 0.3, likelihood: str = "gaussian"):
+                 width: int = 32, latent: str = "shared", sigma: float = 0.3, likelihood: str = "gaussian",
+                 modalities: Sequence[dict] | None = None):
         super().__init__()
         if latent not in ("shared", "independent"): raise ValueError(f"latent must be shared or independent, not {latent!r}")
         self.n_modalities, self.latent_dim, self.latent = n_modalities, latent_dim, latent
         self.sigma, self.likelihood = sigma, likelihood
-        self.decoders = nn.ModuleList(ImageDecoder(latent_dim, size, channels, width) for _ in range(n_modalities))
+        specs = modality_specs(n_modalities, size, channels, modalities)
+        # every image modality has the configured likelihood; a caption's is categorical
+        self.likelihoods = [likelihood if s["kind"] == "image" else "categorical" for s in specs]
+        decoder = lambda s: (ImageDecoder(latent_dim, s["size"], s["channels"], width) if s["kind"] == "image"
+                             else TextDecoder(latent_dim, s["vocab"], s["length"], width=width))
+        self.decoders = nn.ModuleList(decoder(s) for s in specs)
 
     @property
     def latent_size(self) -> int:
@@ -71,17 +93,19 @@ class SharedLatentGenerator(nn.Module):
     def neg_log_lik(self, observed: dict[int, torch.Tensor], z: torch.Tensor) -> torch.Tensor:
         "sum over observed m of -log p_t(x_m | z), per example (B,)."
         mods = sorted(observed)
-        return sum(neg_log_lik(observed[m], g, self.sigma, self.likelihood) for m, g in zip(mods, self.decode(z, mods)))
+        return sum(neg_log_lik(observed[m], g, self.sigma, self.likelihoods[m]) for m, g in zip(mods, self.decode(z, mods)))
 
 # %% ../nbs/03_model.ipynb #c2d7a496
 class MoEInference(nn.Module):
     "q_p(z | x_S) = (1/|S|) sum_{m in S} N(mu_m(x_m), diag s_m^2(x_m)): one Gaussian expert per modality."
     def __init__(self, n_modalities: int = 5, latent_dim: int = 64, size: int = 28, channels: int = 3,
-                 width: int = 32, hidden: int = 256, latent: str = "shared", logvar_init: float = 0.0):
+                 width: int = 32, hidden: int = 256, latent: str = "shared", logvar_init: float = 0.0,
+                 modalities: Sequence[dict] | None = None):
         super().__init__()
         self.n_modalities, self.latent_dim, self.latent = n_modalities, latent_dim, latent
-        self.encoders = nn.ModuleList(ImageEncoder(latent_dim, size, channels, width, hidden, logvar_init)
-                                      for _ in range(n_modalities))
+        encoder = lambda s: (ImageEncoder(latent_dim, s["size"], s["channels"], width, hidden, logvar_init) if s["kind"] == "image"
+                             else TextEncoder(latent_dim, s["vocab"], s["length"], width=width, hidden=hidden, logvar_init=logvar_init))
+        self.encoders = nn.ModuleList(encoder(s) for s in modality_specs(n_modalities, size, channels, modalities))
 
     def experts(self, observed: dict[int, torch.Tensor]) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
         "(mu_m, logvar_m) of every observed modality's expert."
@@ -132,17 +156,20 @@ class MMEBM(nn.Module):
                  dec_width: int = 32, ebm_width: int = 32, ebm_feat: int = 128, ebm_hidden: int = 256,
                  sn_head: bool = False, sigma: float = 0.3, likelihood: str = "gaussian",
                  K_x: int = 30, s_x: float = 0.3, n_x: float = 1e-3, K_z: int = 10, s_z: float = 0.1,
-                 n_z: float = 0.1, moe_init: str = "random_expert", ebm_init: str = "generator"):
+                 n_z: float = 0.1, moe_init: str = "random_expert", ebm_init: str = "generator",
+                 modalities: Sequence[dict] | None = None):
         super().__init__()
         if inference not in ("moe", "independent"): raise ValueError(f"inference must be moe or independent, not {inference!r}")
         if ebm_init not in ("generator", "noise"): raise ValueError(f"ebm_init must be generator or noise, not {ebm_init!r}")
         self.n_modalities, self.inference_mode, self.moe_init, self.ebm_init = n_modalities, inference, moe_init, ebm_init
-        self.ebm = MultimodalEBM(n_modalities, image_size, channels, ebm_width, ebm_feat, ebm_hidden, sn_head)
-        self.generator = SharedLatentGenerator(n_modalities, latent_dim, image_size, channels, dec_width, latent, sigma, likelihood)
+        self.ebm = MultimodalEBM(n_modalities, image_size, channels, ebm_width, ebm_feat, ebm_hidden, sn_head, modalities)
+        self.generator = SharedLatentGenerator(n_modalities, latent_dim, image_size, channels, dec_width, latent, sigma, likelihood,
+                                               modalities)
         self.inference = MoEInference(n_modalities, latent_dim, image_size, channels, enc_width, enc_hidden, latent,
-                                      enc_logvar_init)
+                                      enc_logvar_init, modalities)
         self.kx = dict(n_steps=K_x, step_size=s_x, noise=n_x)
-        self.kz = dict(n_steps=K_z, step_size=s_z, noise=n_z, sigma=sigma, likelihood=likelihood)
+        self.kz = dict(n_steps=K_z, step_size=s_z, noise=n_z, sigma=sigma,
+                       likelihood=likelihood if modalities is None else self.generator.likelihoods)
 
     @property
     def T(self) -> float:

@@ -11,7 +11,8 @@ from torch import nn
 from torch.nn.utils.parametrizations import spectral_norm
 
 # %% auto #0
-__all__ = ['side_lengths', 'ImageEncoder', 'ImageDecoder', 'EnergyTrunk', 'EnergyHead', 'neg_log_lik', 'gaussian_log_prob',
+__all__ = ['TOKEN_LOGIT', 'side_lengths', 'ImageEncoder', 'ImageDecoder', 'EnergyTrunk', 'EnergyHead', 'neg_log_lik',
+           'gaussian_log_prob', 'token_logits', 'categorical_nll', 'TextEncoder', 'TextDecoder', 'TextEnergyTrunk',
            'step_embedding', 'DenoisingUNet']
 
 # %% ../nbs/01_nets.ipynb #7f47c889
@@ -85,11 +86,12 @@ class EnergyHead(nn.Module):
         # always float32, even under bf16 autocast: L_E is a difference of mean energies divided by T ~ 1e-5, and bf16
         # rounds an energy of 0.03 to the nearest 1e-4, about the size of that difference early in training
         with torch.autocast(h.device.type, enabled=False):
-            return self.net(h.float()).squeeze(-1)
+            return self.net(h if h.dtype == torch.float64 else h.float()).squeeze(-1)   # float64 checks stay float64
 
 # %% ../nbs/01_nets.ipynb #6d138747
 def neg_log_lik(x: torch.Tensor, mean: torch.Tensor, sigma: float = 0.3, kind: str = "gaussian") -> torch.Tensor:
-    "-log p(x | mean) per example (B,), constants dropped."
+    "-log p(x | mean) per example (B,), constants dropped; `kind='categorical'`: caption logits (see below)."
+    if kind == "categorical": return categorical_nll(x, mean)
     d = (x - mean).flatten(1)
     if kind == "gaussian": return d.pow(2).sum(1) / (2 * sigma ** 2)
     if kind == "laplace": return d.abs().sum(1) / sigma
@@ -98,6 +100,61 @@ def neg_log_lik(x: torch.Tensor, mean: torch.Tensor, sigma: float = 0.3, kind: s
 def gaussian_log_prob(z: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
     "log N(z; mu, diag exp(logvar)) per example (B,)."
     return -0.5 * (((z - mu) ** 2) * torch.exp(-logvar) + logvar + math.log(2 * math.pi)).sum(-1)
+
+# %% ../nbs/01_nets.ipynb #6c73ca6d
+TOKEN_LOGIT = 20.0
+
+def token_logits(ids: torch.Tensor, vocab: int, scale: float = TOKEN_LOGIT) -> torch.Tensor:
+    "Token ids (B, L) -> logits (B, L, V) whose softmax is (nearly) their one-hot."
+    return nn.functional.one_hot(ids.long(), vocab).float() * scale
+
+def categorical_nll(x: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    "-sum over positions of softmax(x) . log_softmax(logits): x and logits (B, L, V); per example (B,)."
+    return -(torch.softmax(x.float(), -1) * torch.log_softmax(logits.float(), -1)).sum((1, 2))
+
+def _conv1d_stack(c_in: int, width: int, n: int, wrap=lambda m: m, act=nn.SiLU):
+    layers, chans = [], [width * min(2 ** i, 4) for i in range(n)]
+    for c in chans: layers += [wrap(nn.Conv1d(c_in, c, 4, 2, 1)), act()]; c_in = c
+    return nn.Sequential(*layers), c_in
+
+class TextEncoder(nn.Module):
+    "A Gaussian expert for captions: logits (B, L, V) -> (mu, logvar), each (B, latent_dim)."
+    def __init__(self, latent_dim: int, vocab: int, length: int = 32, embed: int = 64, width: int = 64, hidden: int = 256,
+                 logvar_init: float = 0.0):
+        super().__init__()
+        self.embed = nn.Linear(vocab, embed, bias=False)              # a soft one-hot through a linear embedding
+        self.conv, c = _conv1d_stack(embed, width, 3)
+        self.trunk = nn.Sequential(nn.Flatten(), nn.Linear(c * (length // 8), hidden), nn.SiLU())
+        self.mu, self.logvar = nn.Linear(hidden, latent_dim), nn.Linear(hidden, latent_dim)
+        nn.init.constant_(self.logvar.bias, logvar_init)
+
+    def forward(self, x):
+        h = self.trunk(self.conv(self.embed(torch.softmax(x, -1)).transpose(1, 2)))
+        return self.mu(h), 8 * torch.tanh(self.logvar(h) / 8)
+
+class TextDecoder(nn.Module):
+    "g_text: z (B, latent_dim) -> per-position logits (B, L, V)."
+    def __init__(self, latent_dim: int, vocab: int, length: int = 32, embed: int = 64, width: int = 64):
+        super().__init__()
+        self.c0, self.l0 = 4 * width, length // 8
+        self.fc = nn.Sequential(nn.Linear(latent_dim, self.c0 * self.l0), nn.SiLU())
+        self.net = nn.Sequential(nn.ConvTranspose1d(4 * width, 2 * width, 4, 2, 1), nn.SiLU(),
+                                 nn.ConvTranspose1d(2 * width, width, 4, 2, 1), nn.SiLU(),
+                                 nn.ConvTranspose1d(width, embed, 4, 2, 1), nn.SiLU())
+        self.out = nn.Linear(embed, vocab)
+
+    def forward(self, z):
+        return self.out(self.net(self.fc(z).view(-1, self.c0, self.l0)).transpose(1, 2))
+
+class TextEnergyTrunk(nn.Module):
+    "e_text: caption logits (B, L, V) -> features (B, feat_dim): softmax, a linear embedding, spectral-normalised convs."
+    def __init__(self, vocab: int, length: int = 32, embed: int = 64, width: int = 32, feat_dim: int = 128):
+        super().__init__()
+        self.embed = spectral_norm(nn.Linear(vocab, embed, bias=False))
+        self.conv, c = _conv1d_stack(embed, width, 3, spectral_norm, lambda: nn.LeakyReLU(0.2))
+        self.out = nn.Sequential(nn.Flatten(), spectral_norm(nn.Linear(c * (length // 8), feat_dim)), nn.LeakyReLU(0.2))
+
+    def forward(self, x): return self.out(self.conv(self.embed(torch.softmax(x, -1)).transpose(1, 2)))
 
 # %% ../nbs/01_nets.ipynb #ea321424
 def step_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:

@@ -13,15 +13,18 @@ import torch
 import yaml
 from tqdm.auto import tqdm
 from .data import PolyMNIST, polymnist_path, read_manifest
+from .cub import CUBCaptions, cub_path, Vocab, MAX_LEN
+from .nets import token_logits
 from .model import MMEBM, frozen
 from .revision import RevisionStep, Diverged
 from . import scale
 
 # %% auto #0
 __all__ = ['BUDGET_KEYS', 'LATER_FIELDS', 'PROFILES', 'MODEL_KEYS', 'LOG_COLUMNS', 'Config', 'config_hash', 'save_config',
-           'load_config', 'profile', 'build_model', 'build_optimisers', 'resolve_device', 'runs_root', 'git_revision',
-           'device_name', 'quick_checks', 'Trainer', 'default_run_dir', 'train', 'plot_log', 'median_time', 'benchmark',
-           'sampling_throughput', 'format_benchmark']
+           'load_config', 'profile', 'build_model', 'resolve_config', 'data_path_of', 'CUBModalities', 'dataset_of',
+           'build_optimisers', 'resolve_device', 'runs_root', 'git_revision', 'device_name', 'quick_checks', 'Trainer',
+           'default_run_dir', 'train', 'plot_log', 'median_time', 'benchmark', 'sampling_throughput',
+           'format_benchmark']
 
 # %% ../nbs/05_train.ipynb #b17151fc
 @dataclass
@@ -86,6 +89,10 @@ class Config:
     amp: bool = False                      # bf16 autocast (meant for CUDA; runs on CPU too, slowly)
     channels_last: bool = False            # channels-last memory format for the conv nets and the batch
     compile: str | None = None             # torch.compile backend for every net ("inductor" on GPU), None: eager
+    # the data set: PolyMNIST (M images), or CUB image-caption ("cub"; `data` = None / "standin" for the offline
+    # stand-in, or a CUB root / cache folder); `modalities` (03_model) is filled from the data for CUB
+    dataset: str = "polymnist"
+    modalities: list | None = None
 
     def replace(self, **kw) -> "Config":
         unknown = set(kw) - {f.name for f in dataclasses.fields(self)}
@@ -97,7 +104,7 @@ class Config:
 BUDGET_KEYS = ("iterations", "epochs", "max_minutes", "checkpoint_every", "name")
 # Fields added after runs already existed: left out of the hash while at their defaults, so that those runs (and
 # the results that cite their hashes) keep their identity; set to anything else, they are part of it.
-LATER_FIELDS = {"channels_last": False, "compile": None}
+LATER_FIELDS = {"channels_last": False, "compile": None, "dataset": "polymnist", "modalities": None}
 
 def config_hash(cfg: Config) -> str:
     "Eight hex digits identifying what a config computes per iteration (budgets excluded)."
@@ -119,6 +126,13 @@ PROFILES = {
     "smoke": dict(name="smoke", latent_dim=16, enc_width=16, enc_hidden=128, dec_width=16, ebm_width=16,
                   ebm_feat=64, ebm_hidden=128, batch_size=32, K_x=5, K_z=20, iterations=400, checkpoint_every=100,
                   enc_logvar_init=-4.0, lambda_I=1.0, lr_G=1e-3, lr_I=3e-5),
+    # CUB (or its offline stand-in): a 64x64 image and a caption; the smoke settings otherwise
+    "cub-smoke": dict(name="cub-smoke", dataset="cub", n_modalities=2, image_size=64, latent_dim=32, enc_width=16,
+                      enc_hidden=128, dec_width=16, ebm_width=16, ebm_feat=64, ebm_hidden=128, batch_size=32, K_x=5,
+                      K_z=20, iterations=400, checkpoint_every=100, enc_logvar_init=-4.0, lambda_I=1.0, lr_G=1e-3, lr_I=3e-5),
+    "cub-tiny": dict(name="cub-tiny", dataset="cub", n_modalities=2, image_size=64, latent_dim=8, enc_width=4, enc_hidden=16,
+                     dec_width=4, ebm_width=4, ebm_feat=8, ebm_hidden=16, batch_size=16, K_x=3, K_z=2, iterations=6,
+                     checkpoint_every=3),
     "tiny": dict(name="tiny", data_limit=256, latent_dim=8, enc_width=4, enc_hidden=16, dec_width=4, ebm_width=4,
                  ebm_feat=8, ebm_hidden=16, batch_size=16, K_x=3, K_z=2, iterations=6, checkpoint_every=3),
 }
@@ -134,6 +148,40 @@ MODEL_KEYS = tuple(p for p in inspect.signature(MMEBM).parameters)
 def build_model(cfg: Config) -> MMEBM:
     "The joint model of a config (every MMEBM argument is a Config field of the same name)."
     return MMEBM(**{k: getattr(cfg, k) for k in MODEL_KEYS})
+
+def resolve_config(cfg: Config) -> Config:
+    """The config as it trains: for CUB, `n_modalities` = 2 and `modalities` filled in from the data (the image, and a
+    caption with the vocabulary's size; the stand-in is built on first use). Other configs are returned as given."""
+    if cfg.dataset == "polymnist": return cfg
+    if cfg.dataset != "cub": raise ValueError(f"dataset must be polymnist or cub, not {cfg.dataset!r}")
+    if cfg.modalities is not None: return cfg
+    vocab = Vocab.load(data_path_of(cfg) / "vocab.json")
+    return cfg.replace(n_modalities=2, modalities=[{"kind": "image", "size": cfg.image_size, "channels": cfg.channels},
+                                                   {"kind": "text", "vocab": len(vocab), "length": vocab.max_len}])
+
+def data_path_of(cfg: Config) -> Path:
+    "The cached data set a config trains on (built or imported on first use)."
+    if cfg.dataset == "cub":     # data_limit: the stand-in's number of training images (a quarter as many test ones)
+        lim = {} if cfg.data_limit is None else {"n_train": cfg.data_limit, "n_test": max(cfg.data_limit // 4, 8)}
+        return cub_path(cfg.data, seed=cfg.data_seed, **lim)
+    return polymnist_path(cfg.data, seed=cfg.data_seed, limit=cfg.data_limit)
+
+class CUBModalities:
+    "CUB (image, caption) pairs as the trainer's list of modalities: [image (B, 3, 64, 64), caption logits (B, 32, V)]."
+    def __init__(self, path, split: str = "train"):
+        self.pairs = CUBCaptions(path, split)
+        self.vocab, self.labels = len(self.pairs.vocab), self.pairs.labels
+    def __len__(self): return len(self.pairs)
+    def _modalities(self, batch):
+        (img, ids), y = batch
+        return (img, token_logits(ids, self.vocab)), y
+    def get_batch(self, idx): return self._modalities(self.pairs.get_batch(idx))
+    def batches(self, batch_size: int, shuffle: bool = True, seed: int = 0, epoch: int = 0, start: int = 0):
+        for b in self.pairs.batches(batch_size, shuffle, seed, epoch, start): yield self._modalities(b)
+
+def dataset_of(cfg: Config, path, split: str = "train"):
+    "The split a config trains or tests on, as a list-of-modalities data set."
+    return CUBModalities(path, split) if cfg.dataset == "cub" else PolyMNIST(path, split)
 
 def build_optimisers(model: MMEBM, cfg: Config):
     "Adam per model and an exponential learning-rate decay per epoch for each."
@@ -194,10 +242,11 @@ def _atomic_torch_save(obj, path: Path):
 class Trainer:
     "Trains MMEBM on PolyMNIST by MCMC revision for a Config, in its run directory."
     def __init__(self, cfg: Config, run_dir: str | os.PathLike | None = None):
+        cfg = resolve_config(cfg)
         self.cfg, self.device, self.ranks = cfg, resolve_device(cfg.device), scale.ranks()
         self.run_dir = Path(run_dir) if run_dir else default_run_dir(cfg)
-        self.data_path = polymnist_path(cfg.data, seed=cfg.data_seed, limit=cfg.data_limit)
-        self.train_ds = PolyMNIST(self.data_path, "train")
+        self.data_path = data_path_of(cfg)
+        self.train_ds = dataset_of(cfg, self.data_path, "train")
         self.per_epoch = len(self.train_ds) // cfg.batch_size
         if self.per_epoch == 0: raise ValueError(f"batch size {cfg.batch_size} exceeds the {len(self.train_ds)} training tuples")
         if cfg.batch_size % self.ranks.world: raise ValueError(f"batch size {cfg.batch_size} does not split over {self.ranks.world} ranks")
@@ -332,11 +381,12 @@ class Trainer:
 def default_run_dir(cfg: Config) -> Path:
     """runs/<name>-<hash>; a run on N > 1 ranks draws other chain noise (another sample path of the same method),
     so it lives apart, in runs/<name>-<hash>-<N>ranks."""
-    w = scale.ranks().world
+    w, cfg = scale.ranks().world, resolve_config(cfg)
     return runs_root() / (f"{cfg.name}-{config_hash(cfg)}" + (f"-{w}ranks" if w > 1 else ""))
 
 def train(cfg: Config, run_dir=None, resume: bool = True, progress: bool = True) -> tuple[Trainer, dict]:
     "Train a config in its run directory, continuing from its checkpoint when there is one (and `resume`)."
+    cfg = resolve_config(cfg)
     run_dir = Path(run_dir or default_run_dir(cfg))
     if resume and (run_dir / "checkpoint.pt").exists():
         saved = load_config(run_dir / "config.yaml")
@@ -377,6 +427,7 @@ def benchmark(cfg: Config, repeats: int = 3, warmup: int = 1, refiner_steps: int
     config's fast-path switches (amp, channels_last, compile: compare a run with them against one without)."""
     import pandas as pd
     from mmebm.revision import generator_loss, inference_loss, ebm_loss
+    if cfg.dataset != "polymnist": raise ValueError("the benchmark times PolyMNIST configs (CUB: not yet)")
     device = resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)
     model = scale.fast_path(build_model(cfg).to(device), cfg.channels_last, cfg.compile)

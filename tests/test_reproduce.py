@@ -25,7 +25,8 @@ TABLES = {
                       "FID clf cond gen", "coh single-source gen", "coh single-source EBM", "coh uncond gen"],
     "cost": ["model", "parameters (sampling)", "parameters (all)", "ms/sample (batch 64)", "ms (batch 1)", "train s/iteration"],
 }
-FIGURES = ["ebm_loss", "generator_loss", "trajectories", "step_ablation", "samples_unconditional", "samples_cross_modal"]
+FIGURES = ["ebm_loss", "generator_loss", "trajectories", "step_ablation", "samples_unconditional", "samples_cross_modal",
+           "samples_baselines", "samples_baselines_cross"]
 
 
 @pytest.fixture(scope="module")

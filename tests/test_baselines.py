@@ -1,0 +1,160 @@
+"""Baselines (nbs/07_baselines): the aggregation rules against independent computations (numerical integration,
+quantile averaging, the matrix formula), every baseline trains and its loss falls, the adapters answer the common
+interface with the right shapes and ranges, resume is exact, and (slow) minutes of training beat chance coherence."""
+import math
+import os
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from mmebm import baselines as B
+from mmebm import metrics
+from mmebm.data import PolyMNIST, polymnist_path
+
+
+@pytest.fixture(scope="module")
+def xs():
+    ds = PolyMNIST(polymnist_path(None, seed=0, limit=256, progress=False), "train")
+    return list(ds.get_batch(np.arange(12))[0])
+
+
+def normal_pdf(z, mu, sd):
+    return torch.exp(-0.5 * ((z - mu) / sd) ** 2) / (sd * math.sqrt(2 * math.pi))
+
+
+def test_hellinger_pool_of_equal_gaussians_is_that_gaussian():
+    mu, lv = torch.randn(1, 4, 6), torch.randn(1, 4, 6)
+    m, l = B.hellinger_pool(mu.repeat(3, 1, 1), lv.repeat(3, 1, 1))
+    assert torch.allclose(m, mu[0], atol=1e-5) and torch.allclose(l, lv[0], atol=1e-4)
+
+
+def test_hellinger_pool_matches_the_moments_of_the_pooled_density_in_two_dimensions():
+    "(sqrt q1 + sqrt q2)^2, normalised on a 2-D grid: its per-dimension mean and variance are what the pool returns."
+    mus = torch.tensor([[[-1.0, 0.5]], [[2.0, -0.5]]], dtype=torch.float64)
+    sds = torch.tensor([[[0.5, 1.2]], [[1.5, 0.7]]], dtype=torch.float64)
+    g = torch.linspace(-12, 12, 1201, dtype=torch.float64)
+    Z1, Z2 = torch.meshgrid(g, g, indexing="ij")
+    q = lambda i: normal_pdf(Z1, mus[i, 0, 0], sds[i, 0, 0]) * normal_pdf(Z2, mus[i, 0, 1], sds[i, 0, 1])
+    p = (q(0).sqrt() + q(1).sqrt()) ** 2
+    p = p / p.sum()
+    mean = torch.stack([(p * Z1).sum(), (p * Z2).sum()])
+    var = torch.stack([(p * Z1 ** 2).sum(), (p * Z2 ** 2).sum()]) - mean ** 2
+    m, lv = B.hellinger_pool(mus.float(), (2 * sds.log()).float())
+    assert torch.allclose(m[0].double(), mean, atol=1e-4), (m, mean)
+    assert torch.allclose(lv[0].double().exp(), var, rtol=1e-3), (lv.exp(), var)
+
+
+def test_wasserstein_barycenter_equals_the_average_of_quantile_functions():
+    "In 1-D the W2 barycenter's quantile function is the weighted mean of the inputs' quantile functions."
+    mus, sds, w = torch.tensor([-1.0, 0.5, 3.0]), torch.tensor([0.3, 1.0, 2.0]), torch.tensor([0.2, 0.5, 0.3])
+    m, lv = B.wasserstein_barycenter(mus.view(3, 1, 1), (2 * sds.log()).view(3, 1, 1), w)
+    probs = torch.tensor([0.05, 0.3, 0.5, 0.8, 0.99])
+    quant = lambda mu, sd: torch.distributions.Normal(mu, sd).icdf(probs)
+    avg = sum(wi * quant(mi, si) for wi, mi, si in zip(w, mus, sds))
+    assert torch.allclose(quant(m.flatten(), lv.exp().sqrt().flatten()), avg, atol=1e-5)
+
+
+def test_consensus_of_dependent_experts_matches_the_matrix_formula_and_poe():
+    torch.manual_seed(0)
+    mus, lvs = torch.randn(4, 3, 5), torch.randn(4, 3, 5)
+    m, lv = B.consensus_of_experts(mus, lvs, rho=0.3)
+    R = torch.full((4, 4), 0.3).fill_diagonal_(1.0)
+    one = torch.ones(4)
+    for b in range(3):
+        for d in range(5):
+            D = torch.diag(torch.exp(0.5 * lvs[:, b, d]))
+            Si = torch.linalg.inv(D @ R @ D)
+            assert torch.isclose(lv[b, d].exp(), 1 / (one @ Si @ one), rtol=1e-4)
+            assert torch.isclose(m[b, d], (one @ Si @ mus[:, b, d]) / (one @ Si @ one), rtol=1e-4, atol=1e-5)
+    pm, plv = B.product_of_experts(mus, lvs, prior=False)
+    m0, lv0 = B.consensus_of_experts(mus, lvs, rho=0.0)
+    assert torch.allclose(m0, pm, atol=1e-5) and torch.allclose(lv0, plv, atol=1e-5)
+    with pytest.raises(ValueError, match="singular"):
+        B.consensus_of_experts(mus, lvs, rho=1.0)
+
+
+def test_product_of_experts_with_the_prior():
+    m, lv = B.product_of_experts(torch.tensor([[[3.0]]]), torch.zeros(1, 1, 1))   # N(3, 1) x N(0, 1) = N(1.5, 0.5)
+    assert torch.allclose(m, torch.tensor([[1.5]])) and torch.allclose(lv.exp(), torch.tensor([[0.5]]))
+
+
+@pytest.mark.parametrize("key", list(B.BASELINES))
+def test_every_baseline_trains_and_its_loss_falls(key, tmp_path):
+    cfg = B.baseline_profile(key, "tiny", iterations=16, lr=3e-3, vae_iterations=12 if key == "diff_cmvae" else None)
+    _, status = B.train_baseline(cfg, tmp_path / key, progress=False)
+    log = pd.read_csv(tmp_path / key / "log.csv")
+    vae = log[log.phase == "vae"].loss.to_numpy()
+    assert status["state"] == "completed" and len(log) == 16
+    assert vae[-3:].mean() < vae[:3].mean(), vae
+    if key == "diff_cmvae": assert (log.phase == "refiner").sum() == 4
+
+
+@pytest.mark.parametrize("key", list(B.BASELINES))
+def test_adapters_answer_the_common_interface(key, xs):
+    torch.manual_seed(0)
+    model = B.build_baseline(B.baseline_profile(key, "tiny")).eval()
+    assert model.n_modalities == 5
+    with torch.no_grad():
+        outs = [model.sample(5), model.sample(1)] + [model.generate({m: xs[m] for m in S}) for S in ((0,), (1, 3), (0, 1, 2, 3))]
+        refined = model.sample(3, revised=True)
+    for out in outs + [refined]:
+        assert len(out) == 5 and all(o.dim() == 4 and o.shape[1:] == (3, 28, 28) and o.abs().max() <= 1 and torch.isfinite(o).all() for o in out)
+    assert [o.shape[0] for o in (outs[0][0], outs[1][0], outs[2][0])] == [5, 1, 12]
+    assert metrics.kinds_of(model) == (("generator", "refiner") if key == "diff_cmvae" else ("generator",))
+
+
+def test_diff_cmvae_refiner_changes_the_samples_and_the_cmvae_is_frozen_while_it_trains(xs):
+    torch.manual_seed(0)
+    model = B.build_baseline(B.baseline_profile("diff_cmvae", "tiny"))
+    coarse = model.vae.sample(4)
+    assert not all(torch.equal(a, b) for a, b in zip(coarse, model.refine(coarse)))
+    loss, _ = model.loss(xs, "refiner")
+    loss.backward()
+    assert all(p.grad is None for p in model.vae.parameters())
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.refiner.parameters())
+
+
+@pytest.mark.parametrize("key", ["mopoe", "diff_cmvae"])
+def test_resume_is_exact(key, tmp_path):
+    """A run of budget 3 continued to 6 equals one that ran 6 straight (Diff-CMVAE: across its phase boundary at 2, which
+    an absolute `vae_iterations` keeps where it was when the budget grows)."""
+    cfg = B.baseline_profile(key, "tiny", iterations=6)
+    B.train_baseline(cfg, tmp_path / "straight", progress=False)
+    B.train_baseline(cfg.replace(iterations=3), tmp_path / "halves", progress=False)
+    t, _ = B.train_baseline(cfg, tmp_path / "halves", progress=False)
+    straight = B.BaselineTrainer.resume(tmp_path / "straight")
+    for (n, a), b in zip(t.model.state_dict().items(), straight.model.state_dict().values()):
+        assert torch.equal(a, b), n
+
+
+def test_resume_refuses_another_config(tmp_path):
+    cfg = B.baseline_profile("helvae", "tiny", iterations=2)
+    B.train_baseline(cfg, tmp_path / "r", progress=False)
+    with pytest.raises(ValueError, match="another config"):
+        B.train_baseline(cfg.replace(beta=2.0), tmp_path / "r", progress=False)
+
+
+def test_the_multivae_pin_is_enforced(monkeypatch):
+    import importlib.metadata
+    monkeypatch.setattr(B, "_LIB", {})
+    monkeypatch.setattr(importlib.metadata, "version", lambda name: "9.9.9")
+    with pytest.raises(ImportError, match="pinned to multivae==1.0.3"):
+        B.multivae_lib()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("key", list(B.BASELINES))
+def test_minutes_of_training_beat_chance_coherence(key, tmp_path):
+    """Trained for four minutes of this CPU (smoke widths), generating from one modality beats chance on at least one
+    (source, target) pair by four binomial standard errors on 500 test tuples (chance 0.1; 20 pairs, so 4 rather than
+    3 standard errors keeps a chance pass below 1e-3). On the smoke plan (~200 s) the best pairs reached 0.14-0.27 on 100."""
+    # Diff-CMVAE: its CMVAE alone (no refiner phase), whose samples are what the refiner conditions on
+    cfg = B.baseline_profile(key, "smoke", iterations=100000, max_minutes=4.0, vae_iterations=None)
+    t, status = B.train_baseline(cfg, tmp_path / key, progress=False)
+    assert status["state"] == "stopped"
+    test = PolyMNIST(t.data_path, "test")
+    clf = metrics.get_classifiers(t.data_path, progress=False)
+    table = metrics.conditional_coherence(t.model.eval(), test, clf, n=500, progress=False, subsets=[(m,) for m in range(5)])
+    assert table["coherence"].max() > 0.1 + 4 * math.sqrt(0.09 / 500), table
