@@ -40,8 +40,6 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                  'mmebm.baselines.LibraryBaseline._placed': ( 'baselines.html#librarybaseline._placed',
                                                                               'mmebm/baselines.py'),
                                  'mmebm.baselines.LibraryBaseline.decode': ('baselines.html#librarybaseline.decode', 'mmebm/baselines.py'),
-                                 'mmebm.baselines.LibraryBaseline.decode_lib': ( 'baselines.html#librarybaseline.decode_lib',
-                                                                                 'mmebm/baselines.py'),
                                  'mmebm.baselines.LibraryBaseline.encode': ('baselines.html#librarybaseline.encode', 'mmebm/baselines.py'),
                                  'mmebm.baselines.LibraryBaseline.generate': ( 'baselines.html#librarybaseline.generate',
                                                                                'mmebm/baselines.py'),

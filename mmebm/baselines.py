@@ -342,15 +342,11 @@ class LibraryBaseline(nn.Module):
         out = self._placed()(self._data(dict(enumerate(xs))))
         return out.loss, {"loss_per_example": out.loss_sum.item() / xs[0].shape[0]}
 
-    def decode_lib(self, emb) -> list[torch.Tensor]:
-        out = self._placed().decode(emb)
-        return [out[n] for n in self.names]
 
     # the common interface
     def sample(self, n: int, revised: bool = False) -> list[torch.Tensor]:
         emb = self._placed().generate_from_prior(max(n, 2))     # multivae squeezes a batch of one away
-        out = self.decode_lib(emb)
-        return [o[:n] for o in out]
+        return [o[:n] for o in self.decode(emb)]
 
     def generate(self, observed: dict[int, torch.Tensor], revised: bool = False) -> list[torch.Tensor]:
         out = self._placed().predict(self._data(observed), cond_mod=[self.names[m] for m in sorted(observed)], gen_mod="all")
@@ -359,7 +355,10 @@ class LibraryBaseline(nn.Module):
     def encode(self, observed: dict[int, torch.Tensor]):
         return self._placed().encode(self._data(observed), cond_mod=[self.names[m] for m in sorted(observed)])
 
-    def decode(self, emb) -> list[torch.Tensor]: return self.decode_lib(emb)
+    def decode(self, emb) -> list[torch.Tensor]:
+        "Every modality decoded from a multivae embedding (what `encode` and its prior sampling return)."
+        out = self._placed().decode(emb)
+        return [out[n] for n in self.names]
 
     def sampling_parameters(self) -> dict:
         "The decoders and the priors' parameters (what unconditional generation runs)."
