@@ -4,7 +4,7 @@
 
 # %% ../nbs/99_cli.ipynb #3b9caa69
 from __future__ import annotations
-import argparse, sys
+import argparse, os, sys
 from pathlib import Path
 import yaml
 from . import data
@@ -106,6 +106,19 @@ def _bench(a):
         print(f"wrote {out} and {out.with_suffix('.txt')}")
     return 0
 
+def _print_cub(res: dict, run) -> int:
+    "The CUB scores, one line per section (a refused one with its reason)."
+    fmt = lambda d: ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in d.items())
+    for key in ("classifiers", "coherence", "caption_colours", "fid_classifier", "fid_inception"):
+        v = res[key]
+        if "unavailable" in v: print(f"{key}: not reported ({v['unavailable']})"); continue
+        if key == "classifiers": print(f"classifiers: {v['which']}; test accuracy: {fmt(v['accuracy'])}"); continue
+        for k, d in v.items():
+            if isinstance(d, dict): print(f"{key} ({k}): {fmt(d)}")
+        if key.startswith("fid"): print(f"{key}: {fmt({k: d for k, d in v.items() if not isinstance(d, dict)})}")
+    print(f"wrote {Path(run) / 'metrics.json'}")
+    return 0
+
 def _eval(a):
     from mmebm import metrics, baselines
     score = baselines.evaluate_baseline if _is_baseline_run(a.run) else metrics.evaluate
@@ -113,6 +126,7 @@ def _eval(a):
                            inception_weights=a.inception_weights, inception_route=a.inception_route,
                            inception_conditional=not a.no_inception_conditional, classifiers=a.classifiers,
                            subsets=a.subsets, progress=not a.quiet)
+    if "caption_colours" in res: return _print_cub(res, a.run)          # a CUB run (06b_cub_metrics)
     acc = ", ".join(f"{k} {v:.4f}" for k, v in res["classifiers"]["accuracy"].items())
     print(f"classifiers: {res['classifiers']['which']}; test accuracy: {acc}")
     coh = res["coherence"]
@@ -133,6 +147,7 @@ def _eval(a):
 
 def _reproduce(a):
     from mmebm import experiments
+    if a.cub_root: os.environ[experiments.CUB_ROOT_ENV] = str(Path(a.cub_root).expanduser().resolve())
     out = experiments.reproduce(a.plan or a.profile, a.results_dir, progress=not a.quiet, notebooks=not a.no_notebooks,
                                 max_minutes=a.max_minutes)
     if out["incomplete"]: return 3          # call again: the unfinished runs continue from their checkpoints
@@ -195,6 +210,9 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--no-notebooks", action="store_true", help="train, score and collect only")
     rp.add_argument("--max-minutes", type=float, default=None,
                     help="stop training after this long (checkpointed); exit status 3 until the plan is complete")
+    rp.add_argument("--cub-root", default=None, metavar="DIR",
+                    help="the real CUB (published layout or its imported cache) for plans that train on it (paper); "
+                         "same as $MMEBM_CUB_ROOT")
     rp.add_argument("--quiet", action="store_true", help="no progress bars")
     rp.set_defaults(func=_reproduce)
     for q in (t, bn):

@@ -7,6 +7,7 @@ executing those notebooks with papermill."""
 # %% ../nbs/08_experiments.ipynb #56b455e7
 from __future__ import annotations
 import json, os, shutil, time, traceback
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 import numpy as np
@@ -19,10 +20,11 @@ from . import metrics, baselines
 from .baselines import BaselineConfig, baseline_profile, baseline_config_hash, BASELINES
 
 # %% auto #0
-__all__ = ['REPRODUCE_ENV', 'PLAN_KEYS', 'SWEEPS', 'SMALL_FILES', 'NOTEBOOKS', 'reproduce_dir', 'load_plan', 'RunSpec',
-           'baseline_runs', 'plan_runs', 'is_baseline', 'run_dir_of', 'hash_of', 'finished_status', 'train_run',
-           'evaluate_run', 'sample_artefacts', 'baseline_sample_artefacts', 'collect', 'RunResults', 'run_notebook',
-           'write_index', 'update_readme', 'reproduce', 'lookup', 'markdown_table', 'save_table', 'to_signed']
+__all__ = ['REPRODUCE_ENV', 'PLAN_KEYS', 'CUB_KEYS', 'CUB_ROOT_ENV', 'SWEEPS', 'SMALL_FILES', 'NOTEBOOKS', 'reproduce_dir',
+           'load_plan', 'RunSpec', 'baseline_runs', 'cub_data', 'cub_runs', 'plan_runs', 'is_baseline', 'run_dir_of',
+           'hash_of', 'finished_status', 'train_run', 'evaluate_run', 'sample_artefacts', 'cub_sample_artefacts',
+           'artefacts_of', 'baseline_sample_artefacts', 'collect', 'RunResults', 'run_notebook', 'write_index',
+           'update_readme', 'reproduce', 'lookup', 'markdown_table', 'save_table', 'to_signed']
 
 # %% ../nbs/08_experiments.ipynb #b6adb82a
 REPRODUCE_ENV = "MMEBM_REPRODUCE_DIR"
@@ -35,7 +37,9 @@ def reproduce_dir() -> Path:
     return d
 
 PLAN_KEYS = {"name", "description", "profile", "set", "main", "ablation_iterations", "ablations", "eval", "samples",
-             "update_readme", "baselines"}
+             "update_readme", "baselines", "cub"}
+CUB_KEYS = {"profile", "data", "iterations", "epochs", "set", "eval"}
+CUB_ROOT_ENV = "MMEBM_CUB_ROOT"     # the real CUB (published layout or an imported cache) for plans whose `cub.data` is "real"
 SWEEPS = ("K_x", "K_z", "noise_K_x")
 
 def load_plan(name_or_path: str) -> dict:
@@ -47,6 +51,8 @@ def load_plan(name_or_path: str) -> dict:
         raise FileNotFoundError(f"no plan {name_or_path!r} ({p}); known profiles: {known}")
     plan = yaml.safe_load(p.read_text()) or {}
     if set(plan) - PLAN_KEYS: raise ValueError(f"{p}: unknown plan keys {sorted(set(plan) - PLAN_KEYS)}")
+    unknown = set(plan.get("cub") or {}) - CUB_KEYS
+    if unknown: raise ValueError(f"{p}: unknown cub keys {sorted(unknown)}; known: {sorted(CUB_KEYS)}")
     unknown = set(plan.get("ablations", {})) - set(SWEEPS) - {"latent", "inference"}
     if unknown: raise ValueError(f"{p}: unknown ablations {sorted(unknown)}")
     unknown = set((plan.get("baselines") or {}).get("iterations", {})) - set(BASELINES)
@@ -63,6 +69,7 @@ class RunSpec:
     cfg: Config | BaselineConfig
     evaluate: dict | None = None
     artefacts: bool = False
+    skip: str | None = None        # why this run cannot train here (e.g. the real CUB's folder not given): recorded, not raised
 
 def baseline_runs(plan: dict, base: Config) -> list[RunSpec]:
     """The plan's baseline runs (role `baseline-<key>`): same data, seed and device as ours, the iterations the plan
@@ -73,13 +80,34 @@ def baseline_runs(plan: dict, base: Config) -> list[RunSpec]:
                                                       seed=base.seed, device=base.device, **(b.get("set") or {}).get(key, {})),
                     plan["eval"]["main"], artefacts=True) for key, n in (b.get("iterations") or {}).items()]
 
+def cub_data(plan: dict) -> str | None:
+    """Where the plan's CUB run reads its data: `cub.data` "standin" (or absent) is the offline stand-in; "real" is
+    the folder in $MMEBM_CUB_ROOT (the published layout, imported on first use, or its cache), else an error."""
+    data = (plan.get("cub") or {}).get("data", "standin")
+    if data in (None, "standin"): return None
+    if data != "real": raise ValueError(f"cub.data must be 'standin' or 'real', not {data!r}")
+    root = os.environ.get(CUB_ROOT_ENV)
+    if not root: raise FileNotFoundError(f"plan {plan['name']!r} trains on the real CUB: set ${CUB_ROOT_ENV} to its folder "
+                                         "(published layout, nbs/00b_cub) or use a plan whose cub.data is 'standin'")
+    return root
+
+def cub_runs(plan: dict) -> list[RunSpec]:
+    "The plan's CUB run (role `cub`), scored with the plan's `cub.eval`; none when the plan has no `cub` entry."
+    cub = plan.get("cub")
+    if not cub: return []
+    budget = dict(iterations=cub["iterations"], epochs=None) if cub.get("iterations") else dict(epochs=cub["epochs"])
+    try: data, skip = cub_data(plan), None
+    except FileNotFoundError as e: data, skip = "real CUB (not given)", str(e)     # the other runs go on without it
+    cfg = profile(cub["profile"]).replace(name=f"{plan['name']}-cub", data=data, **budget, **(cub.get("set") or {}))
+    return [RunSpec("cub", cfg, cub["eval"], artefacts=True, skip=skip)]
+
 def plan_runs(plan: dict) -> tuple[list[RunSpec], dict]:
     "The runs a plan needs (main first) and the sweep table {sweep: {value: role}}."
     base = profile(plan["profile"], **plan["set"])
     named = lambda role, **kw: base.replace(name=f"{plan['name']}-{role}", **kw)
     ev = plan["eval"]
     runs = [RunSpec("main", named("main", **plan["main"]), ev["main"], artefacts=True)]
-    runs += baseline_runs(plan, base)
+    runs += baseline_runs(plan, base) + cub_runs(plan)
     abl = plan.get("ablations") or {}
     if not abl: return runs, {}
     n_abl = dict(iterations=plan["ablation_iterations"], epochs=None)
@@ -124,6 +152,7 @@ def finished_status(spec: RunSpec) -> dict | None:
 
 def train_run(spec: RunSpec, progress: bool = True) -> dict:
     "Train (or continue, or skip) one run; its status, plus `error` if it raised."
+    if spec.skip: return {"state": "skipped", "reason": spec.skip}
     done = finished_status(spec)
     if done: return done       # its status (and the revision that trained it) stand
     d = run_dir_of(spec)
@@ -171,6 +200,32 @@ def sample_artefacts(run_dir, n_grid: int = 8, n_cross: int = 4, n_traj: int = 4
                         traj_z=np.stack([_u8(d) for d in tr["z_decoded"]]), traj_z_energy=tr["z"].energies.cpu().numpy(),
                         traj_z_steps=np.array(tr["z"].steps), iteration=t.iteration)
     return out
+
+@torch.no_grad()
+def cub_sample_artefacts(run_dir, n_grid: int = 8, seed: int = 0, **unused) -> Path:
+    """`samples.npz` of a CUB run: the first n_grid test images with their first caption, joint samples, captions from
+    the images and images from the captions, each as the generator gives them and revised by the EBM (captions as text)."""
+    from mmebm.cub import CUBCaptions, CAPTIONS_PER_IMAGE
+    from mmebm.cub_metrics import cub_generations
+    t = Trainer.resume(run_dir)
+    model = t.model.eval()
+    test = CUBCaptions(t.data_path, "test")
+    torch.manual_seed(seed)
+    text = lambda ids: np.array([test.vocab.decode(i) for i in ids.numpy()])
+    out = dict(real=metrics.to_uint8(test.get_batch(np.arange(n_grid) * CAPTIONS_PER_IMAGE)[0][0]).numpy(),
+               real_caption=text(torch.from_numpy(test.captions[:n_grid * CAPTIONS_PER_IMAGE:CAPTIONS_PER_IMAGE].astype(np.int64))),
+               labels=test.labels[:n_grid], iteration=t.iteration)
+    for kind in metrics.kinds_of(model):
+        g = cub_generations(model, test, n_grid, revised=kind != "generator")
+        out |= {f"{kind}_joint_image": metrics.to_uint8(g["joint_image"]).numpy(), f"{kind}_joint_caption": text(g["joint_caption"]),
+                f"{kind}_image_to_caption": text(g["image_to_caption"]), f"{kind}_caption_to_image": metrics.to_uint8(g["caption_to_image"]).numpy()}
+    np.savez_compressed(Path(run_dir) / "samples.npz", **out)
+    return Path(run_dir) / "samples.npz"
+
+def artefacts_of(spec: RunSpec):
+    "The sample writer for a run: ours on PolyMNIST or CUB, or a baseline's."
+    if is_baseline(spec): return baseline_sample_artefacts
+    return cub_sample_artefacts if spec.cfg.dataset == "cub" else sample_artefacts
 
 @torch.no_grad()
 def baseline_sample_artefacts(run_dir, n_grid: int = 8, n_cross: int = 4, seed: int = 0, **unused) -> Path:
@@ -255,6 +310,7 @@ NOTEBOOKS = (      # (notebook in reproduce/, the roles it cannot do without)
     ("05_step_ablation", ("center",)),
     ("06_cost", ("main",)),
     ("07_samples", ("main",)),
+    ("08_cub", ("cub",)),
 )
 
 def run_notebook(name: str, results_dir, kernel: str = "python3") -> dict:
@@ -299,6 +355,8 @@ def write_index(plan: dict, results_dir, states: dict, nb_states: dict, stages: 
              f"| plan | `reproduce/profiles/{Path(plan['path']).name}` (Config profile `{plan['profile']}`) |",
              f"| device | {st_main.get('device', 'unknown')} |",
              f"| data | {man['name']} ({man['source']}), sha256 `{man['data_sha256'][:16]}` |",
+             *([f"| CUB data | {cub['name']} ({cub['source']}), sha256 `{cub['data_sha256'][:16]}` |"]
+               if (cub := lookup(res.metrics("cub") or {}, "provenance", "data")) else []),
              f"| seed | {res.config('main')['seed'] if res.config('main') else 'n/a'} |",
              f"| revision | `{git_revision()}` (mmebm {mmebm.__version__}, torch {torch.__version__}) |",
              f"| wall time of this invocation | {stages.get('total', 0):.0f} s (" + ", ".join(f"{k} {v:.0f} s" for k, v in stages.items() if k != "total") + ") |",
@@ -366,7 +424,7 @@ def reproduce(plan: str | dict, results_dir=None, progress: bool = True, noteboo
             left = (deadline - t0) / 60
             if left <= 0 and unfinished and not finished_status(spec):
                 states[spec.role] = {"state": "pending", "reason": "time budget of this call used up"}; unfinished.append(spec.role); continue
-            spec = RunSpec(spec.role, spec.cfg.replace(max_minutes=max(left, 1e-6)), spec.evaluate, spec.artefacts)  # budget key: same run
+            spec = dataclasses.replace(spec, cfg=spec.cfg.replace(max_minutes=max(left, 1e-6)))  # a budget key: the same run
         budget = f"{spec.cfg.epochs} epochs" if spec.cfg.epochs else f"{spec.cfg.iterations} iterations"
         say(f"train {i}/{len(specs)}: {spec.role} ({budget}) -> {run_dir_of(spec)}")
         states[spec.role] = train_run(spec, progress)
@@ -387,7 +445,7 @@ def reproduce(plan: str | dict, results_dir=None, progress: bool = True, noteboo
         stage("scoring", t0)
     for spec in (s for s in specs if s.artefacts and ok(s)):
         t0 = time.time(); say(f"samples and trajectories of {spec.role}")
-        (baseline_sample_artefacts if is_baseline(spec) else sample_artefacts)(run_dir_of(spec), **plan.get("samples", {}))
+        artefacts_of(spec)(run_dir_of(spec), **plan.get("samples", {}))
         stage("samples", t0)
     collect(plan, specs, sweeps, states, results_dir)
 

@@ -23,7 +23,7 @@ __all__ = ['ACCURACY_FLOOR', 'CLASSIFIER_VERSION', 'PUBLISHED_CLASSIFIER_FILE', 
            'unconditional_coherence', 'ReferenceModel', 'fid_helper_file', 'inception_extractor', 'to_uint8', 'extract',
            'frechet_distance', 'fingerprint', 'real_features', 'sample_many', 'parameter_counts', 'generation_latency',
            'revision_of', 'kinds_of', 'classifier_set', 'coherence_metrics', 'conditional_samples', 'fid_metrics',
-           'cost_metrics', 'evaluate']
+           'cost_metrics', 'provenance', 'write_metrics', 'evaluate']
 
 # %% ../nbs/06_metrics.ipynb #28dc7c58
 class MetricUnavailable(RuntimeError):
@@ -35,6 +35,7 @@ CLASSIFIER_VERSION = 3
 
 class DigitClassifier(nn.Module):
     "A per-modality digit classifier for 3 x 28 x 28 images in [-1, 1]; `features` is its penultimate layer."
+    signed_input = True     # `extract` feeds classifiers [-1, 1] images and reads `features`; Inception takes uint8
     def __init__(self, channels: int = 3, size: int = 28, n_classes: int = 10, width: int = 32):
         super().__init__()
         s = size
@@ -93,8 +94,9 @@ def save_classifiers(trained: dict, path) -> Path:
     path.with_suffix(".json").write_text(json.dumps(meta, indent=2) + "\n")
     return path
 
-def load_classifiers(path, device="cpu") -> dict:
-    "Load classifiers strictly: the file's SHA-256 must match its record and every tensor must fit."
+def load_classifiers(path, device="cpu", build=None) -> dict:
+    """Load classifiers strictly: the file's SHA-256 must match its record and every tensor must fit.
+    `build(k, recipe)` makes the k-th network (default: a `DigitClassifier`; CUB's pass their own)."""
     path = Path(path)
     meta_path = path.with_suffix(".json")
     if not path.exists() or not meta_path.exists(): raise FileNotFoundError(f"{path}: classifiers or their record missing")
@@ -102,8 +104,9 @@ def load_classifiers(path, device="cpu") -> dict:
     if hashlib.sha256(path.read_bytes()).hexdigest() != meta["sha256"]:
         raise MetricUnavailable(f"{path}: checksum differs from {meta_path.name}; retrain the classifiers")
     models = []
-    for sd in torch.load(path, map_location=device, weights_only=True):
-        m = DigitClassifier().to(device); m.load_state_dict(sd, strict=True); models.append(m.eval())
+    for k, sd in enumerate(torch.load(path, map_location=device, weights_only=True)):
+        m = (build(k, meta["recipe"]) if build else DigitClassifier()).to(device)
+        m.load_state_dict(sd, strict=True); models.append(m.eval())
     return {"models": models, "accuracy": meta["accuracy"], "recipe": meta["recipe"], "sha256": meta["sha256"], "path": str(path)}
 
 def get_classifiers(data_path, seed: int = 0, device="cpu", progress: bool = True) -> dict:
@@ -112,9 +115,10 @@ def get_classifiers(data_path, seed: int = 0, device="cpu", progress: bool = Tru
     if not f.exists(): save_classifiers(train_classifiers(data_path, seed=seed, progress=progress), f)
     return load_classifiers(f, device)
 
-def check_floor(classifiers: dict, floor: float = ACCURACY_FLOOR):
+def check_floor(classifiers: dict, floor: float = ACCURACY_FLOOR, names=None):
     "Raise `MetricUnavailable` unless every classifier's real-test accuracy clears the floor."
-    low = {f"m{k}": round(a, 4) for k, a in enumerate(classifiers["accuracy"]) if a < floor}
+    names = names or [f"m{k}" for k in range(len(classifiers["accuracy"]))]
+    low = {n: round(a, 4) for n, a in zip(names, classifiers["accuracy"]) if a < floor}
     if low: raise MetricUnavailable(f"classifier accuracy below the floor {floor}: {low}; coherence not reported")
 
 # %% ../nbs/06_metrics.ipynb #1a9be3b2
@@ -122,6 +126,7 @@ PUBLISHED_CLASSIFIER_FILE = "pretrained_img_to_digit_clf_m{k}"
 
 class PublishedPolyMNISTClassifier(nn.Module):
     "The published PolyMNIST digit classifier's architecture; takes our [-1, 1] images, feeds it [0, 1]."
+    signed_input = True
     def __init__(self):
         super().__init__()
         self.encoder = nn.Sequential(
@@ -309,7 +314,7 @@ def extract(extractor, images: torch.Tensor, batch_size: int = 50, progress: boo
     out = []
     for i in tqdm(range(0, len(images), batch_size), desc=desc, disable=not progress, leave=False):
         x = images[i:i + batch_size]
-        is_clf = isinstance(extractor, (DigitClassifier, PublishedPolyMNISTClassifier))
+        is_clf = getattr(extractor, "signed_input", False)      # a classifier (ours, published, CUB's), not Inception
         out.append(extractor.features(x.float()) if is_clf else extractor(to_uint8(x))[0])
     return torch.cat(out).double()
 
@@ -452,6 +457,26 @@ def cost_metrics(model, run_dir=None) -> dict:
     if log and log.exists(): out["train_s_per_iteration_median"] = float(pd.read_csv(log)["sec_iteration"].median())
     return out
 
+def provenance(run_dir, t) -> dict:
+    "Where a score comes from: the run, its config hash, data, device, code revision and versions."
+    from mmebm.train import device_name, git_revision
+    import mmebm
+    run_dir = Path(run_dir)
+    status = json.loads((run_dir / "status.json").read_text()) if (run_dir / "status.json").exists() else {}
+    man = read_manifest(t.data_path)
+    return {"run": run_dir.name, "config_hash": status.get("config_hash"), "profile": t.cfg.name, "seed": t.cfg.seed,
+            "iteration": t.iteration, "epochs": t.iteration / t.per_epoch, "train_wall_seconds": t.wall_before,
+            "data": {"name": man["name"], "source": man["source"], "data_sha256": man["data_sha256"]},
+            "device": device_name(model_device(t.model)), "revision": git_revision(), "mmebm": mmebm.__version__,
+            "torch": torch.__version__, "evaluated_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+
+def write_metrics(run_dir, res: dict) -> dict:
+    "metrics.json (nested) and metrics.csv (one flattened metric per row) into the run directory; returns `res`."
+    import pandas as pd
+    (Path(run_dir) / "metrics.json").write_text(json.dumps(res, indent=2) + "\n")
+    pd.DataFrame(list(_flatten(res)), columns=["metric", "value"]).to_csv(Path(run_dir) / "metrics.csv", index=False)
+    return res
+
 def evaluate(run_dir, n_coherence: int = 500, n_fid: int = 1000, n_inception: int = 0, inception_weights: str | None = None,
              inception_route: str = "auto", inception_conditional: bool = True, classifiers: str | None = None,
              subsets: str = "all", kinds=None, progress: bool = True, load=None) -> dict:
@@ -460,25 +485,20 @@ def evaluate(run_dir, n_coherence: int = 500, n_fid: int = 1000, n_inception: in
     `load(run_dir)` gives the trained run (default: ours, `Trainer.resume`; the baselines pass their own): anything
     with `model`, `cfg` (name, seed), `iteration`, `per_epoch`, `wall_before` and `data_path`. `kinds` defaults to
     `kinds_of(model)`."""
-    import pandas as pd
-    from mmebm.train import Trainer, device_name, git_revision
-    import mmebm
+    from mmebm.train import Trainer
     run_dir = Path(run_dir)
     t = (load or Trainer.resume)(run_dir)
-    if getattr(t.cfg, "dataset", "polymnist") != "polymnist":
-        raise NotImplementedError(f"{run_dir}: scoring CUB runs (image FID, image and caption classifiers) is not written yet")
+    if getattr(t.cfg, "dataset", "polymnist") == "cub":      # an image and a caption: its own classifiers and FID (06b)
+        if classifiers: raise ValueError("published classifiers are PolyMNIST's; CUB runs are scored with their own")
+        from mmebm.cub_metrics import evaluate_cub
+        return evaluate_cub(run_dir, t, n_coherence=n_coherence, n_fid=n_fid, n_inception=n_inception, inception_weights=inception_weights,
+                            inception_route=inception_route, kinds=kinds, progress=progress)
     model = t.model.eval()
     kinds = tuple(kinds or kinds_of(model))
     test = PolyMNIST(t.data_path, "test")
-    status = json.loads((run_dir / "status.json").read_text()) if (run_dir / "status.json").exists() else {}
-    man = read_manifest(t.data_path)
     clf = classifier_set(t.data_path, classifiers, progress=progress)
     torch.manual_seed(t.cfg.seed)
-    res = {"provenance": {"run": run_dir.name, "config_hash": status.get("config_hash"), "profile": t.cfg.name, "seed": t.cfg.seed,
-                          "iteration": t.iteration, "epochs": t.iteration / t.per_epoch, "train_wall_seconds": t.wall_before,
-                          "data": {"name": man["name"], "source": man["source"], "data_sha256": man["data_sha256"]},
-                          "device": device_name(model_device(model)), "revision": git_revision(), "mmebm": mmebm.__version__,
-                          "torch": torch.__version__, "evaluated_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())},
+    res = {"provenance": provenance(run_dir, t),
            "classifiers": {"which": clf["recipe"].get("source", "mmebm's own (trained by the package)"), "path": clf["path"],
                            "accuracy": {f"m{k}": a for k, a in enumerate(clf["accuracy"])}, "floor": ACCURACY_FLOOR,
                            "sha256": clf["sha256"], "recipe": clf["recipe"]},
@@ -498,6 +518,4 @@ def evaluate(run_dir, n_coherence: int = 500, n_fid: int = 1000, n_inception: in
             model, test, ext, f"inception-{route}", n_inception, kinds, inception_conditional, progress)
     timed("fid_inception", inception)
     timed("cost", lambda: cost_metrics(model, run_dir))
-    (run_dir / "metrics.json").write_text(json.dumps(res, indent=2) + "\n")
-    pd.DataFrame(list(_flatten(res)), columns=["metric", "value"]).to_csv(run_dir / "metrics.csv", index=False)
-    return res
+    return write_metrics(run_dir, res)

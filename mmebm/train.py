@@ -130,6 +130,9 @@ PROFILES = {
     "cub-smoke": dict(name="cub-smoke", dataset="cub", n_modalities=2, image_size=64, latent_dim=32, enc_width=16,
                       enc_hidden=128, dec_width=16, ebm_width=16, ebm_feat=64, ebm_hidden=128, batch_size=32, K_x=5,
                       K_z=20, iterations=400, checkpoint_every=100, enc_logvar_init=-4.0, lambda_I=1.0, lr_G=1e-3, lr_I=3e-5),
+    # the real CUB (the paper's Section 5: latent 128, batch 100-128, the paper profile's schedule); needs the data and a GPU
+    "cub-paper": dict(name="cub-paper", dataset="cub", n_modalities=2, image_size=64, latent_dim=128, batch_size=128,
+                      epochs=100, checkpoint_every=2000),
     "cub-tiny": dict(name="cub-tiny", dataset="cub", n_modalities=2, image_size=64, latent_dim=8, enc_width=4, enc_hidden=16,
                      dec_width=4, ebm_width=4, ebm_feat=8, ebm_hidden=16, batch_size=16, K_x=3, K_z=2, iterations=6,
                      checkpoint_every=3),

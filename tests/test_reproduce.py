@@ -24,9 +24,11 @@ TABLES = {
     "step_ablation": ["sweep", "value", "run", "state", "s/iteration", "FID clf uncond gen", "FID clf uncond EBM",
                       "FID clf cond gen", "coh single-source gen", "coh single-source EBM", "coh uncond gen"],
     "cost": ["model", "parameters (sampling)", "parameters (all)", "ms/sample (batch 64)", "ms (batch 1)", "train s/iteration"],
+    "cub_table": ["model", "coh image->caption", "coh caption->image", "coh joint", "caption colours (chance)", "FID clf uncond",
+                  "FID clf caption->image", "FID Inception uncond", "FID Inception caption->image", "iterations", "train s"],
 }
 FIGURES = ["ebm_loss", "generator_loss", "trajectories", "step_ablation", "samples_unconditional", "samples_cross_modal",
-           "samples_baselines", "samples_baselines_cross"]
+           "samples_baselines", "samples_baselines_cross", "cub_joint_samples", "cub_image_to_caption", "cub_caption_to_image"]
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +74,9 @@ def test_tiny_reproduce_produces_every_table_and_figure(tiny):
     assert "| main | completed | 6 |" in index and "sha256" in index and "ok" in index and "training" in index
     runs = json.loads((res / "runs.json").read_text())
     assert set(runs["runs"]) == {"main", "center", "latent-independent", "inference-independent", "Kx2", "Kz1", "noise-Kx2", "noise-Kx4",
-                                 *(f"baseline-{k}" for k in ("mmvae_plus", "mopoe", "mwb", "code", "helvae", "diff_cmvae"))}
+                                 *(f"baseline-{k}" for k in ("mmvae_plus", "mopoe", "mwb", "code", "helvae", "diff_cmvae")), "cub"}
+    cub = json.loads((res / "runs" / "cub" / "metrics.json").read_text())
+    assert cub["provenance"]["data"]["source"] == "cub-standin" and "cub-standin" in (res / "tables" / "cub_table.md").read_text()
     assert runs["sweeps"]["K_x"] == {"2": "Kx2", "3": "center"}
 
 
@@ -113,10 +117,22 @@ def test_chained_time_boxed_calls_finish_the_plan_exactly(tiny, tmp_path, monkey
     assert calls > 2                                                   # it really was cut, more than once
     assert all(s["state"] == "completed" for s in out["runs"].values())
     timing = [c for c in pd.read_csv(root / "results" / "runs" / "main" / "log.csv").columns if c.startswith("sec_")]
-    for role in ("main", "center", "Kx2", "noise-Kx4", "baseline-code", "baseline-diff_cmvae"):
+    for role in ("main", "center", "Kx2", "noise-Kx4", "baseline-code", "baseline-diff_cmvae", "cub"):
         one = pd.read_csv(root / "results" / "runs" / role / "log.csv").drop(columns=timing, errors="ignore")
         chained = pd.read_csv(tmp_path / "results" / "runs" / role / "log.csv").drop(columns=timing, errors="ignore")
         pd.testing.assert_frame_equal(one, chained)                   # bit-exact resume across calls
     m1 = json.loads((root / "results" / "runs" / "main" / "metrics.json").read_text())
     m2 = json.loads((tmp_path / "results" / "runs" / "main" / "metrics.json").read_text())
     assert m1["fid_classifier"] == m2["fid_classifier"]
+
+
+def test_a_plan_on_the_real_cub_without_its_folder_skips_that_run_with_the_reason(monkeypatch):
+    "The paper plan trains on the real CUB from $MMEBM_CUB_ROOT; without it the CUB run is skipped, said why, and the rest plans."
+    monkeypatch.delenv(X.CUB_ROOT_ENV, raising=False)
+    specs, _ = X.plan_runs(X.load_plan("paper"))
+    cub = next(s for s in specs if s.role == "cub")
+    assert X.CUB_ROOT_ENV in cub.skip and X.train_run(cub) == {"state": "skipped", "reason": cub.skip}
+    assert specs[0].role == "main" and specs[0].skip is None
+    monkeypatch.setenv(X.CUB_ROOT_ENV, "/data/CUB")
+    cub = next(s for s in X.plan_runs(X.load_plan("paper"))[0] if s.role == "cub")
+    assert cub.skip is None and cub.cfg.data == "/data/CUB" and cub.cfg.latent_dim == 128 and cub.cfg.dataset == "cub"
