@@ -17,9 +17,10 @@ from .data import DataError, data_root, sha256_file, to_signed, read_manifest, b
 # %% auto #0
 __all__ = ['SPECIALS', 'EXC', 'PAD', 'EOS', 'MAX_LEN', 'MIN_COUNT', 'CAPTIONS_PER_IMAGE', 'IMAGE_SIZE', 'VOCAB_VERSION',
            'CAPTION_FILES', 'LABELS_FILE', 'LAYOUT_CUB', 'LAYOUT_CUB_CACHE', 'COLOURS', 'SPECIES', 'SIZES',
-           'ATTRIBUTES', 'STANDIN_VERSION', 'tokenize', 'Vocab', 'list_images', 'read_captions', 'load_image',
-           'read_labels', 'read_cub_split', 'write_cub_fixture', 'import_cub', 'CUBCaptions', 'standin_caption',
-           'draw_bird', 'standin_split', 'standin_name', 'build_cub_standin', 'cub_path']
+           'ATTRIBUTES', 'STANDIN_VERSION', 'COCO_SPLITS', 'COCO_CAPTIONS_PER_IMAGE', 'LAYOUT_COCO', 'tokenize',
+           'Vocab', 'list_images', 'read_captions', 'load_image', 'read_labels', 'read_cub_split', 'write_cub_fixture',
+           'import_cub', 'CUBCaptions', 'standin_caption', 'draw_bird', 'standin_split', 'standin_name',
+           'build_cub_standin', 'cub_path', 'read_coco_split', 'import_coco', 'write_coco_fixture']
 
 # %% ../nbs/00b_cub.ipynb #aba9dd5d
 SPECIALS = ("<exc>", "<pad>", "<eos>")          # ids 0, 1, 2 as in the published vocabulary
@@ -189,16 +190,21 @@ def _encode_splits(raw: dict, vocab: Vocab) -> dict:
                       "labels": labels.astype(np.int64)}
     return out
 
-def import_cub(root, cache_dir=None, force: bool = False, progress: bool = True) -> Path:
-    "Read the published CUB layout at `root` into the cache (re-used when complete) and return the folder."
+def _px(size: int) -> str:
+    "The cache-name suffix of an image size other than the published 64x64 (the scaling experiments' high resolution)."
+    return "" if size == IMAGE_SIZE else f"-{size}px"
+
+def import_cub(root, cache_dir=None, force: bool = False, progress: bool = True, size: int = IMAGE_SIZE) -> Path:
+    """Read the published CUB layout at `root` into the cache (re-used when complete) and return the folder; images
+    resized to `size` (64 as published; 128 or more for the high-resolution scaling experiment, its own cache)."""
     root = Path(root).expanduser()
     if not root.is_dir(): raise _bad(root, "not a directory")
-    path = data_root(cache_dir) / f"cub-{hashlib.sha256(str(root.resolve()).encode()).hexdigest()[:8]}"
+    path = data_root(cache_dir) / f"cub-{hashlib.sha256(str(root.resolve()).encode()).hexdigest()[:8]}{_px(size)}"
     if not force and _complete(path): return path
-    raw = {s: read_cub_split(root, s, progress=progress) for s in ("train", "test")}
+    raw = {s: read_cub_split(root, s, size=size, progress=progress) for s in ("train", "test")}
     vocab = Vocab.build([tokenize(c) for c in raw["train"]["captions"]], source=f"train captions of {root}")
     man = {"name": path.name, "source": "cub", "root": str(root.resolve()), "has_labels": raw["train"]["labels"] is not None,
-           "image_size": IMAGE_SIZE, "imported_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+           "image_size": size, "imported_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     return _write_cub_cache(path, _encode_splits(raw, vocab), vocab, man)
 
 def _complete(path: Path) -> bool:
@@ -207,7 +213,8 @@ def _complete(path: Path) -> bool:
     return bool(man.get("files")) and all((path / f).exists() for f in man["files"])
 
 class CUBCaptions(torch.utils.data.Dataset):
-    "(image, caption) pairs of a cached CUB (or stand-in) split: pair i is caption i and image i // 10."
+    """(image, caption) pairs of a cached image-caption split (CUB, its stand-in, MSCOCO): pair i is caption i and image
+    i // `per_image` (10 for CUB, as its manifest says; 5 for MSCOCO)."""
     def __init__(self, path, split: str = "train"):
         self.path, self.split = Path(path), split
         self.manifest = read_manifest(self.path)
@@ -215,17 +222,18 @@ class CUBCaptions(torch.utils.data.Dataset):
         if not d.is_dir(): raise DataError(f"{d}: missing split (expected layout: {LAYOUT_CUB_CACHE})")
         self.images, self.captions = np.load(d / "images.npy", mmap_mode="r"), np.load(d / "captions.npy")
         self.labels = np.load(d / "labels.npy")
-        if len(self.captions) != CAPTIONS_PER_IMAGE * len(self.images):
-            raise DataError(f"{d}: {len(self.captions)} captions for {len(self.images)} images (expected 10 per image)")
+        self.per_image = int(self.manifest.get("captions_per_image", CAPTIONS_PER_IMAGE))
+        if len(self.captions) != self.per_image * len(self.images):
+            raise DataError(f"{d}: {len(self.captions)} captions for {len(self.images)} images (expected {self.per_image} per image)")
         self.vocab = Vocab.load(self.path / "vocab.json")
         self.has_labels = bool((self.labels >= 0).all())
 
     def __len__(self): return len(self.captions)
 
     def get_batch(self, idx) -> tuple[tuple[torch.Tensor, torch.Tensor], torch.Tensor]:
-        "((images in [-1, 1] (B, 3, 64, 64), caption ids (B, 32) int64), labels (B,), -1 where unknown)."
+        "((images in [-1, 1] (B, 3, size, size), caption ids (B, 32) int64), labels (B,), -1 where unknown)."
         idx = np.asarray(idx)
-        img = idx // CAPTIONS_PER_IMAGE
+        img = idx // self.per_image
         return (to_signed(self.images[img]), torch.from_numpy(self.captions[idx].astype(np.int64))), torch.from_numpy(self.labels[img])
 
     def __getitem__(self, i):
@@ -294,7 +302,7 @@ def draw_bird(attrs: dict, rng: np.random.Generator, size: int = IMAGE_SIZE) -> 
     d.ellipse([hx + 2 * k, hy - 3 * k, hx + 5 * k, hy], fill=(0, 0, 0))                                       # eye
     return np.asarray(im.resize((size, size), Image.LANCZOS)).transpose(2, 0, 1).copy()
 
-def standin_split(n: int, rng: np.random.Generator, progress=None) -> dict:
+def standin_split(n: int, rng: np.random.Generator, progress=None, size: int = IMAGE_SIZE) -> dict:
     "n birds: images, 10 captions each, species labels, attribute table (n, 5) of indices."
     species = rng.integers(len(SPECIES), size=n)
     sizes = rng.integers(len(SIZES), size=n)
@@ -303,37 +311,100 @@ def standin_split(n: int, rng: np.random.Generator, progress=None) -> dict:
     for s, z in zip(species, sizes):
         body, wing, crown = SPECIES[s]
         attrs = {"body": body, "wing": wing, "crown": crown, "size": SIZES[z]}
-        images.append(draw_bird(attrs, rng))
+        images.append(draw_bird(attrs, rng, size))
         captions += [standin_caption(attrs, rng) for _ in range(CAPTIONS_PER_IMAGE)]
         table.append([s, names.index(body), names.index(wing), names.index(crown), z])
         if progress is not None: progress.update(1)
     return {"images": np.stack(images), "captions": captions, "labels": species.astype(np.int64), "attributes": np.array(table, dtype=np.int64)}
 
-def standin_name(seed: int = 0, n_train: int = 2000, n_test: int = 500) -> str:
-    return f"cub-standin-v{STANDIN_VERSION}-seed{seed}-{n_train}x{n_test}"
+def standin_name(seed: int = 0, n_train: int = 2000, n_test: int = 500, size: int = IMAGE_SIZE) -> str:
+    return f"cub-standin-v{STANDIN_VERSION}-seed{seed}-{n_train}x{n_test}{_px(size)}"
 
 def build_cub_standin(cache_dir=None, seed: int = 0, n_train: int = 2000, n_test: int = 500, force: bool = False,
-                      progress: bool = True) -> Path:
-    "Build (or re-use) the offline CUB stand-in in the cache; return its folder."
-    path = data_root(cache_dir) / standin_name(seed, n_train, n_test)
+                      progress: bool = True, size: int = IMAGE_SIZE) -> Path:
+    "Build (or re-use) the offline CUB stand-in (images `size` x `size`) in the cache; return its folder."
+    path = data_root(cache_dir) / standin_name(seed, n_train, n_test, size)
     if not force and _complete(path): return path
     t0 = time.time()
     rngs = dict(zip(("train", "test"), (np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(2))))
     with tqdm(total=n_train + n_test, desc=f"building {path.name}", unit="img", disable=not progress) as bar:
-        raw = {s: standin_split(n, rngs[s], bar) for s, n in (("train", n_train), ("test", n_test))}
+        raw = {s: standin_split(n, rngs[s], bar, size) for s, n in (("train", n_train), ("test", n_test))}
     vocab = Vocab.build([tokenize(c) for c in raw["train"]["captions"]], source="train captions of the stand-in")
     man = {"name": path.name, "source": "cub-standin", "builder_version": STANDIN_VERSION, "seed": seed,
-           "has_labels": True, "image_size": IMAGE_SIZE, "species": [list(s) for s in SPECIES], "colours": list(COLOURS),
+           "has_labels": True, "image_size": size, "species": [list(s) for s in SPECIES], "colours": list(COLOURS),
            "attributes": list(ATTRIBUTES), "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
            "build_seconds": round(time.time() - t0, 1)}
     extras = {s: {"attributes": r["attributes"]} for s, r in raw.items()}
     return _write_cub_cache(path, _encode_splits(raw, vocab), vocab, man, extras)
 
 def cub_path(source: str | os.PathLike | None = None, cache_dir=None, seed: int = 0, n_train: int = 2000, n_test: int = 500,
-             progress: bool = True) -> Path:
+             progress: bool = True, size: int = IMAGE_SIZE) -> Path:
     """None / 'standin': the offline stand-in of `n_train` and `n_test` images (built on first use); a cached folder;
-    or a published CUB root to import."""
-    if source in (None, "standin"): return build_cub_standin(cache_dir, seed=seed, n_train=n_train, n_test=n_test, progress=progress)
+    a published CUB root to import; or an MSCOCO root (it has `annotations/`) to import."""
+    if source in (None, "standin"): return build_cub_standin(cache_dir, seed=seed, n_train=n_train, n_test=n_test, progress=progress, size=size)
     p = Path(source).expanduser()
     if (p / "manifest.json").exists(): return p
-    return import_cub(p, cache_dir, progress=progress)
+    if (p / "annotations").is_dir(): return import_coco(p, cache_dir, progress=progress, size=size)
+    return import_cub(p, cache_dir, progress=progress, size=size)
+
+# %% ../nbs/00b_cub.ipynb #39cbef38
+COCO_SPLITS = {"train": "train2017", "test": "val2017"}
+COCO_CAPTIONS_PER_IMAGE = 5
+LAYOUT_COCO = "<root>/annotations/captions_{train,val}2017.json and <root>/{train,val}2017/<file_name>"
+
+def _bad_coco(path, problem: str) -> DataError:
+    return DataError(f"{path}: {problem} (expected layout: {LAYOUT_COCO})")
+
+def read_coco_split(root, split: str, size: int = IMAGE_SIZE, per_image: int = COCO_CAPTIONS_PER_IMAGE,
+                    limit: int | None = None, progress: bool = True) -> dict:
+    "images (N, 3, size, size) uint8 in image-id order, their first `per_image` captions each, labels None, files, dropped."
+    f = Path(root) / "annotations" / f"captions_{COCO_SPLITS[split]}.json"
+    if not f.exists(): raise _bad_coco(f, "missing caption file")
+    try: d = json.loads(f.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e: raise _bad_coco(f, f"not readable JSON ({e})") from None
+    if not isinstance(d, dict) or not {"images", "annotations"} <= set(d): raise _bad_coco(f, "no `images` and `annotations` lists")
+    caps = {}
+    for a in d["annotations"]: caps.setdefault(a["image_id"], []).append(a["caption"].strip())
+    images = sorted(d["images"], key=lambda im: im["id"])
+    kept = [im for im in images if len(caps.get(im["id"], [])) >= per_image][:limit]
+    if not kept: raise _bad_coco(f, f"no image with {per_image} captions")
+    files = [Path(root) / COCO_SPLITS[split] / im["file_name"] for im in kept]
+    missing = [p for p in files if not p.exists()]
+    if missing: raise _bad_coco(missing[0], f"missing image ({len(missing)} of {len(files)} missing)")
+    arr = np.stack([load_image(p, size) for p in tqdm(files, desc=f"COCO {split} images", disable=not progress, leave=False)])
+    return {"images": arr, "captions": [c for im in kept for c in caps[im["id"]][:per_image]], "labels": None,
+            "files": [p.name for p in files], "dropped": len(images) - len(kept) if limit is None else None}
+
+def import_coco(root, cache_dir=None, force: bool = False, progress: bool = True, size: int = IMAGE_SIZE,
+                limit: int | None = None) -> Path:
+    "Read MSCOCO 2017 captions at `root` into the image-caption cache (five captions per image); return the folder."
+    root = Path(root).expanduser()
+    if not (root / "annotations").is_dir(): raise _bad_coco(root, "no annotations folder")
+    tag = hashlib.sha256(str(root.resolve()).encode()).hexdigest()[:8]
+    path = data_root(cache_dir) / (f"coco-{tag}{_px(size)}" + ("" if limit is None else f"-first{limit}"))
+    if not force and _complete(path): return path
+    raw = {s: read_coco_split(root, s, size, limit=limit, progress=progress) for s in ("train", "test")}
+    vocab = Vocab.build([tokenize(c) for c in raw["train"]["captions"]], source=f"train captions of {root}")
+    man = {"name": path.name, "source": "mscoco", "root": str(root.resolve()), "has_labels": False, "image_size": size,
+           "captions_per_image": COCO_CAPTIONS_PER_IMAGE, "limit": limit,
+           "dropped_images": {s: r["dropped"] for s, r in raw.items()},
+           "imported_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    return _write_cub_cache(path, _encode_splits(raw, vocab), vocab, man)
+
+def write_coco_fixture(root, n_images: dict | None = None, extra_captions: int = 1, seed: int = 0) -> Path:
+    """A small tree in the MSCOCO 2017 layout: `n_images` {split: count} random JPEGs, five captions each (image 0 of
+    each split gets `extra_captions` more, the last image only four, so it is left out). Returns the root."""
+    from PIL import Image
+    root, rng = Path(root), np.random.default_rng(seed)
+    (root / "annotations").mkdir(parents=True, exist_ok=True)
+    for split, n in (n_images or {"train": 4, "test": 2}).items():
+        folder = root / COCO_SPLITS[split]; folder.mkdir(exist_ok=True)
+        images, anns = [], []
+        for i in range(n):
+            name = f"{i + 1:012d}.jpg"
+            Image.fromarray(rng.integers(0, 256, (60, 70, 3), dtype=np.uint8)).save(folder / name)
+            images.append({"id": 100 + i, "file_name": name})
+            k = 5 + (extra_captions if i == 0 else 0) - (1 if i == n - 1 else 0)
+            anns += [{"id": len(anns), "image_id": 100 + i, "caption": f"a photo {i} of a cat number {j} ."} for j in range(k)]
+        (root / "annotations" / f"captions_{COCO_SPLITS[split]}.json").write_text(json.dumps({"images": images[::-1], "annotations": anns}))
+    return root

@@ -205,15 +205,16 @@ def sample_artefacts(run_dir, n_grid: int = 8, n_cross: int = 4, n_traj: int = 4
 def cub_sample_artefacts(run_dir, n_grid: int = 8, seed: int = 0, **unused) -> Path:
     """`samples.npz` of a CUB run: the first n_grid test images with their first caption, joint samples, captions from
     the images and images from the captions, each as the generator gives them and revised by the EBM (captions as text)."""
-    from mmebm.cub import CUBCaptions, CAPTIONS_PER_IMAGE
+    from mmebm.cub import CUBCaptions
     from mmebm.cub_metrics import cub_generations
     t = Trainer.resume(run_dir)
     model = t.model.eval()
     test = CUBCaptions(t.data_path, "test")
     torch.manual_seed(seed)
     text = lambda ids: np.array([test.vocab.decode(i) for i in ids.numpy()])
-    out = dict(real=metrics.to_uint8(test.get_batch(np.arange(n_grid) * CAPTIONS_PER_IMAGE)[0][0]).numpy(),
-               real_caption=text(torch.from_numpy(test.captions[:n_grid * CAPTIONS_PER_IMAGE:CAPTIONS_PER_IMAGE].astype(np.int64))),
+    k = test.per_image
+    out = dict(real=metrics.to_uint8(test.get_batch(np.arange(n_grid) * k)[0][0]).numpy(),
+               real_caption=text(torch.from_numpy(test.captions[:n_grid * k:k].astype(np.int64))),
                labels=test.labels[:n_grid], iteration=t.iteration)
     for kind in metrics.kinds_of(model):
         g = cub_generations(model, test, n_grid, revised=kind != "generator")

@@ -133,6 +133,13 @@ PROFILES = {
     # the real CUB (the paper's Section 5: latent 128, batch 100-128, the paper profile's schedule); needs the data and a GPU
     "cub-paper": dict(name="cub-paper", dataset="cub", n_modalities=2, image_size=64, latent_dim=128, batch_size=128,
                       epochs=100, checkpoint_every=2000),
+    # the scaling experiment on high-resolution CUB (128x128; the paper's Section 5): the real CUB, imported at 128 px
+    "cub-hires-paper": dict(name="cub-hires-paper", dataset="cub", n_modalities=2, image_size=128, latent_dim=128,
+                            batch_size=64, epochs=100, checkpoint_every=2000),
+    # the scaling experiment on MSCOCO captions (2017; five captions per image, no labels): `dataset="cub"` is the
+    # image-caption pipeline, the MSCOCO root given as `data` (--set data=/path/to/coco) decides the source
+    "coco-paper": dict(name="coco-paper", dataset="cub", n_modalities=2, image_size=64, latent_dim=128, batch_size=128,
+                       epochs=50, checkpoint_every=2000),
     "cub-tiny": dict(name="cub-tiny", dataset="cub", n_modalities=2, image_size=64, latent_dim=8, enc_width=4, enc_hidden=16,
                      dec_width=4, ebm_width=4, ebm_feat=8, ebm_hidden=16, batch_size=16, K_x=3, K_z=2, iterations=6,
                      checkpoint_every=3),
@@ -158,7 +165,11 @@ def resolve_config(cfg: Config) -> Config:
     if cfg.dataset == "polymnist": return cfg
     if cfg.dataset != "cub": raise ValueError(f"dataset must be polymnist or cub, not {cfg.dataset!r}")
     if cfg.modalities is not None: return cfg
-    vocab = Vocab.load(data_path_of(cfg) / "vocab.json")
+    path = data_path_of(cfg)
+    size = read_manifest(path).get("image_size")
+    if size != cfg.image_size:       # a cache folder given as `data` that was imported at another size
+        raise ValueError(f"{path} holds {size}x{size} images; the config's image_size is {cfg.image_size}")
+    vocab = Vocab.load(path / "vocab.json")
     return cfg.replace(n_modalities=2, modalities=[{"kind": "image", "size": cfg.image_size, "channels": cfg.channels},
                                                    {"kind": "text", "vocab": len(vocab), "length": vocab.max_len}])
 
@@ -166,7 +177,7 @@ def data_path_of(cfg: Config) -> Path:
     "The cached data set a config trains on (built or imported on first use)."
     if cfg.dataset == "cub":     # data_limit: the stand-in's number of training images (a quarter as many test ones)
         lim = {} if cfg.data_limit is None else {"n_train": cfg.data_limit, "n_test": max(cfg.data_limit // 4, 8)}
-        return cub_path(cfg.data, seed=cfg.data_seed, **lim)
+        return cub_path(cfg.data, seed=cfg.data_seed, size=cfg.image_size, **lim)
     return polymnist_path(cfg.data, seed=cfg.data_seed, limit=cfg.data_limit)
 
 class CUBModalities:
