@@ -15,17 +15,20 @@ import torch.nn.functional as F
 import yaml
 from tqdm.auto import tqdm
 from .data import PolyMNIST, polymnist_path, read_manifest
-from .nets import ImageEncoder, ImageDecoder, DenoisingUNet
-from .train import device_name, git_revision, resolve_device, runs_root, median_time, _atomic_torch_save
+from .nets import ImageEncoder, ImageDecoder, TextEncoder, TextDecoder, DenoisingUNet, categorical_nll
+from .model import modality_specs
+from .train import (device_name, git_revision, resolve_device, runs_root, median_time, _atomic_torch_save,
+                         resolve_config, data_path_of, dataset_of)
 from . import metrics
 
 # %% auto #0
-__all__ = ['BASELINES', 'MULTIVAE_VERSION', 'BASELINE_BUDGET_KEYS', 'BASELINE_PROFILES', 'MODEL_SETTINGS', 'BASELINE_LOG_COLUMNS',
-           'BaselineConfig', 'baseline_config_hash', 'is_baseline_config', 'baseline_profile', 'product_of_experts',
-           'wasserstein_barycenter', 'hellinger_pool', 'consensus_of_experts', 'laplace_nll', 'kl_to_standard_normal',
-           'reparameterise', 'nonempty_subsets', 'MultimodalVAE', 'HELVAE', 'MWBVAE', 'CoDEVAE', 'multivae_lib',
-           'LibraryBaseline', 'ddpm_schedule', 'DiffCMVAE', 'build_baseline', 'save_baseline_config',
-           'load_baseline_config', 'baseline_run_dir', 'BaselineTrainer', 'train_baseline', 'evaluate_baseline']
+__all__ = ['BASELINES', 'MULTIVAE_VERSION', 'BASELINE_BUDGET_KEYS', 'BASELINE_LATER_FIELDS', 'BASELINE_PROFILES',
+           'TEXT_BASELINES', 'MODEL_SETTINGS', 'BASELINE_LOG_COLUMNS', 'BaselineConfig', 'baseline_config_hash',
+           'is_baseline_config', 'baseline_profile', 'product_of_experts', 'wasserstein_barycenter', 'hellinger_pool',
+           'consensus_of_experts', 'laplace_nll', 'kl_to_standard_normal', 'reparameterise', 'nonempty_subsets',
+           'MultimodalVAE', 'HELVAE', 'MWBVAE', 'CoDEVAE', 'multivae_lib', 'LibraryBaseline', 'ddpm_schedule',
+           'DiffCMVAE', 'build_baseline', 'save_baseline_config', 'load_baseline_config', 'baseline_run_dir',
+           'BaselineTrainer', 'train_baseline', 'evaluate_baseline']
 
 # %% ../nbs/07_baselines.ipynb #9ed409cc
 BASELINES = {   # key -> (name in the tables, route)
@@ -46,6 +49,8 @@ class BaselineConfig:
     data: str | None = None                 # as Config.data: None / "offline" or a published archive
     data_seed: int = 0
     data_limit: int | None = None
+    dataset: str = "polymnist"              # or "cub" (image + caption; `data` as Config.data for CUB; the baselines
+    modalities: list | None = None          #   written here only), `modalities` filled from the data as for ours
     n_modalities: int = 5
     image_size: int = 28
     channels: int = 3
@@ -82,9 +87,12 @@ class BaselineConfig:
 
 BASELINE_BUDGET_KEYS = ("iterations", "epochs", "max_minutes", "checkpoint_every", "name")
 
+BASELINE_LATER_FIELDS = {"dataset": "polymnist", "modalities": None}   # added later: at these values, not hashed (runs keep their ids)
+
 def baseline_config_hash(cfg: BaselineConfig) -> str:
     "Eight hex digits identifying what a baseline config computes per iteration (budgets excluded)."
-    d = {k: v for k, v in asdict(cfg).items() if k not in BASELINE_BUDGET_KEYS}
+    d = {k: v for k, v in asdict(cfg).items()
+         if k not in BASELINE_BUDGET_KEYS and not (k in BASELINE_LATER_FIELDS and v == BASELINE_LATER_FIELDS[k])}
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:8]
 
 def is_baseline_config(d: dict) -> bool:
@@ -99,10 +107,19 @@ BASELINE_PROFILES = {
                   iterations=400, checkpoint_every=100, refiner_width=16, refiner_steps=10),
     "tiny": dict(data_limit=256, latent_dim=8, style_dim=4, enc_width=4, enc_hidden=16, dec_width=4, batch_size=16,
                  iterations=6, checkpoint_every=3, refiner_width=8, refiner_T=50, refiner_steps=3, n_clusters=3),
+    # CUB image + caption (the baselines written here), as wide as our cub-smoke / cub-paper / cub-tiny runs
+    "cub-smoke": dict(dataset="cub", n_modalities=2, image_size=64, latent_dim=32, enc_width=16, enc_hidden=128, dec_width=16,
+                      batch_size=32, lr=1e-3, iterations=400, checkpoint_every=100),
+    "cub-paper": dict(dataset="cub", n_modalities=2, image_size=64, latent_dim=128, enc_width=32, enc_hidden=256,
+                      dec_width=32, batch_size=128, lr=1e-3, epochs=100, checkpoint_every=2000),
+    "cub-tiny": dict(dataset="cub", n_modalities=2, image_size=64, latent_dim=8, enc_width=4, enc_hidden=16, dec_width=4,
+                     batch_size=16, iterations=6, checkpoint_every=3),
 }
+TEXT_BASELINES = ("helvae", "mwb", "code")     # the ones whose networks follow the data's modalities (captions too)
 MODEL_SETTINGS = {   # per model and profile: what its own paper or code uses (see each model's section)
     "mmvae_plus": {"paper": dict(K=10)},             # MMVAE+ (Palumbo et al., ICLR 2023): K=10 DReG samples
-    "code": {"paper": dict(beta=2.5, rho=0.5), "smoke": dict(beta=2.5, rho=0.5), "tiny": dict(beta=2.5)},
+    "code": {"paper": dict(beta=2.5, rho=0.5), "smoke": dict(beta=2.5, rho=0.5), "tiny": dict(beta=2.5),
+             "cub-paper": dict(beta=2.5, rho=0.5), "cub-smoke": dict(beta=2.5, rho=0.5), "cub-tiny": dict(beta=2.5)},
     "diff_cmvae": {"paper": dict(K=10, vae_iterations=23400), "smoke": dict(vae_iterations=400),
                    "tiny": dict(vae_iterations=2)},
 }
@@ -173,16 +190,20 @@ def nonempty_subsets(n: int) -> list[tuple[int, ...]]:
     return [s for r in range(1, n + 1) for s in itertools.combinations(range(n), r)]
 
 class MultimodalVAE(nn.Module):
-    "Base of the baselines written here: Gaussian experts, standard normal prior, Laplace decoders."
+    """Base of the baselines written here: Gaussian experts, standard normal prior, Laplace decoders for images and
+    categorical ones for captions (per-position logits, as our model's; `cfg.modalities`, see 03_model)."""
     revised_by = None      # no second stage: `revised=True` is the same as False
 
     def __init__(self, cfg: BaselineConfig):
         super().__init__()
         self.cfg, self.n_modalities, self.latent_dim = cfg, cfg.n_modalities, cfg.latent_dim
-        self.encoders = nn.ModuleList(ImageEncoder(cfg.latent_dim, cfg.image_size, cfg.channels, cfg.enc_width, cfg.enc_hidden)
-                                      for _ in range(cfg.n_modalities))
-        self.decoders = nn.ModuleList(ImageDecoder(cfg.latent_dim, cfg.image_size, cfg.channels, cfg.dec_width)
-                                      for _ in range(cfg.n_modalities))
+        self.specs = modality_specs(cfg.n_modalities, cfg.image_size, cfg.channels, cfg.modalities)
+        d = cfg.latent_dim
+        self.encoders = nn.ModuleList(ImageEncoder(d, s["size"], s["channels"], cfg.enc_width, cfg.enc_hidden) if s["kind"] == "image"
+                                      else TextEncoder(d, s["vocab"], s["length"], width=cfg.enc_width, hidden=cfg.enc_hidden)
+                                      for s in self.specs)
+        self.decoders = nn.ModuleList(ImageDecoder(d, s["size"], s["channels"], cfg.dec_width) if s["kind"] == "image"
+                                      else TextDecoder(d, s["vocab"], s["length"], width=cfg.dec_width) for s in self.specs)
 
     def experts(self, observed: dict[int, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         "(mus, logvars) of the observed modalities' experts, stacked (|S|, B, d) in modality order."
@@ -197,8 +218,9 @@ class MultimodalVAE(nn.Module):
         return self.aggregate(*self.experts(observed))
 
     def reconstruction(self, xs, z) -> torch.Tensor:
-        "sum over modalities of -log p(x_m | z), per example (B,)."
-        return sum(laplace_nll(x, g, self.cfg.likelihood_scale) for x, g in zip(xs, self.decode(z)))
+        "sum over modalities of -log p(x_m | z), per example (B,): Laplace for images, categorical for captions."
+        nll = lambda s, x, g: laplace_nll(x, g, self.cfg.likelihood_scale) if s["kind"] == "image" else categorical_nll(x, g)
+        return sum(nll(s, x, g) for s, x, g in zip(self.specs, xs, self.decode(z)))
 
     # the common interface
     def encode(self, observed: dict[int, torch.Tensor]) -> torch.Tensor:
@@ -431,7 +453,9 @@ class DiffCMVAE(nn.Module):
 
 # %% ../nbs/07_baselines.ipynb #b446dc8a
 def build_baseline(cfg: BaselineConfig) -> nn.Module:
-    "The model of a baseline config."
+    "The model of a baseline config (resolved: CUB's modalities filled in, `train.resolve_config`)."
+    if cfg.dataset != "polymnist" and cfg.model not in TEXT_BASELINES:
+        raise ValueError(f"{BASELINES[cfg.model][0]} takes images only here; on {cfg.dataset}: {', '.join(TEXT_BASELINES)}")
     own = {"helvae": HELVAE, "mwb": MWBVAE, "code": CoDEVAE}
     if cfg.model in own: return own[cfg.model](cfg)
     if cfg.model in ("mmvae_plus", "mopoe"): return LibraryBaseline(cfg, cfg.model)
@@ -452,12 +476,13 @@ def baseline_run_dir(cfg: BaselineConfig) -> Path:
 BASELINE_LOG_COLUMNS = ("iteration", "epoch", "phase", "loss", "sec_iteration")
 
 class BaselineTrainer:
-    "Trains a baseline on PolyMNIST for a BaselineConfig, in its run directory."
+    "Trains a baseline on PolyMNIST (or CUB, `TEXT_BASELINES`) for a BaselineConfig, in its run directory."
     def __init__(self, cfg: BaselineConfig, run_dir=None):
         self.cfg, self.device = cfg, resolve_device(cfg.device)
         self.run_dir = Path(run_dir) if run_dir else baseline_run_dir(cfg)
-        self.data_path = polymnist_path(cfg.data, seed=cfg.data_seed, limit=cfg.data_limit)
-        self.train_ds = PolyMNIST(self.data_path, "train")
+        self.data_path = data_path_of(cfg)              # PolyMNIST, or CUB (its stand-in) as for our runs
+        self.cfg = cfg = resolve_config(cfg)
+        self.train_ds = dataset_of(cfg, self.data_path, "train")
         self.per_epoch = len(self.train_ds) // cfg.batch_size
         if self.per_epoch == 0: raise ValueError(f"batch size {cfg.batch_size} exceeds the {len(self.train_ds)} training tuples")
         torch.manual_seed(cfg.seed); np.random.seed(cfg.seed); random.seed(cfg.seed)
@@ -556,6 +581,7 @@ class BaselineTrainer:
 def train_baseline(cfg: BaselineConfig, run_dir=None, resume: bool = True, progress: bool = True) -> tuple[BaselineTrainer, dict]:
     "Train a baseline config in its run directory, continuing from its checkpoint when there is one."
     run_dir = Path(run_dir or baseline_run_dir(cfg))
+    cfg = resolve_config(cfg)                          # CUB: the modalities as the data has them (saved configs have them)
     if resume and (run_dir / "checkpoint.pt").exists():
         saved = load_baseline_config(run_dir / "config.yaml")
         if baseline_config_hash(saved) != baseline_config_hash(cfg):

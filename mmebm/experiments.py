@@ -38,7 +38,7 @@ def reproduce_dir() -> Path:
 
 PLAN_KEYS = {"name", "description", "profile", "set", "main", "ablation_iterations", "ablations", "eval", "samples",
              "update_readme", "baselines", "cub"}
-CUB_KEYS = {"profile", "data", "iterations", "epochs", "set", "eval"}
+CUB_KEYS = {"profile", "data", "iterations", "epochs", "set", "eval", "baselines"}
 CUB_ROOT_ENV = "MMEBM_CUB_ROOT"     # the real CUB (published layout or an imported cache) for plans whose `cub.data` is "real"
 SWEEPS = ("K_x", "K_z", "noise_K_x")
 
@@ -99,7 +99,12 @@ def cub_runs(plan: dict) -> list[RunSpec]:
     try: data, skip = cub_data(plan), None
     except FileNotFoundError as e: data, skip = "real CUB (not given)", str(e)     # the other runs go on without it
     cfg = profile(cub["profile"]).replace(name=f"{plan['name']}-cub", data=data, **budget, **(cub.get("set") or {}))
-    return [RunSpec("cub", cfg, cub["eval"], artefacts=True, skip=skip)]
+    # the baselines that take captions (07_baselines: TEXT_BASELINES), same data and evaluation, `cub.baselines.iterations`
+    same = dict(data=data, data_seed=cfg.data_seed, data_limit=cfg.data_limit, seed=cfg.seed, device=cfg.device)
+    return [RunSpec("cub", cfg, cub["eval"], artefacts=True, skip=skip)] + [
+        RunSpec(f"cub-baseline-{key}", baseline_profile(key, cub["profile"], name=f"{plan['name']}-cub-{key}", iterations=int(n),
+                                                       epochs=None, **same), cub["eval"], skip=skip)
+        for key, n in ((cub.get("baselines") or {}).get("iterations") or {}).items()]
 
 def plan_runs(plan: dict) -> tuple[list[RunSpec], dict]:
     "The runs a plan needs (main first) and the sweep table {sweep: {value: role}}."

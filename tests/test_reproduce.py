@@ -74,9 +74,12 @@ def test_tiny_reproduce_produces_every_table_and_figure(tiny):
     assert "| main | completed | 6 |" in index and "sha256" in index and "ok" in index and "training" in index
     runs = json.loads((res / "runs.json").read_text())
     assert set(runs["runs"]) == {"main", "center", "latent-independent", "inference-independent", "Kx2", "Kz1", "noise-Kx2", "noise-Kx4",
-                                 *(f"baseline-{k}" for k in ("mmvae_plus", "mopoe", "mwb", "code", "helvae", "diff_cmvae")), "cub"}
+                                 *(f"baseline-{k}" for k in ("mmvae_plus", "mopoe", "mwb", "code", "helvae", "diff_cmvae")), "cub", "cub-baseline-code"}
     cub = json.loads((res / "runs" / "cub" / "metrics.json").read_text())
     assert cub["provenance"]["data"]["source"] == "cub-standin" and "cub-standin" in (res / "tables" / "cub_table.md").read_text()
+    cub_table = pd.read_csv(res / "tables" / "cub_table.csv")
+    assert list(cub_table["model"]) == ["MMEBM (ours), generator", "MMEBM (ours), EBM-revised", "CoDE-VAE"]
+    assert cub_table["FID clf uncond"].notna().all() and cub_table["iterations"].eq(4).all()
     assert runs["sweeps"]["K_x"] == {"2": "Kx2", "3": "center"}
 
 
