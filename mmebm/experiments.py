@@ -145,14 +145,15 @@ def hash_of(spec: RunSpec) -> str:
 
 def finished_status(spec: RunSpec) -> dict | None:
     "The run's status when it completed with exactly this config and budget (a time budget aside), else None."
-    from mmebm.train import load_config
+    from mmebm.train import load_config, resolve_config
     d = run_dir_of(spec)
-    if not ((d / "status.json").exists() and (d / "config.yaml").exists()): return None
+    if spec.skip or not ((d / "status.json").exists() and (d / "config.yaml").exists()): return None
     status = json.loads((d / "status.json").read_text())
     saved = yaml.safe_load((d / "config.yaml").read_text()) or {}
     if baselines.is_baseline_config(saved) != is_baseline(spec): return None
     load = baselines.load_baseline_config if is_baseline(spec) else load_config
-    same = load(d / "config.yaml").replace(max_minutes=None) == spec.cfg.replace(max_minutes=None)
+    # saved configs are resolved (CUB: the modalities the data has), so compare with the resolved plan config
+    same = load(d / "config.yaml").replace(max_minutes=None) == resolve_config(spec.cfg).replace(max_minutes=None)
     return status if status.get("state") == "completed" and same else None
 
 def train_run(spec: RunSpec, progress: bool = True) -> dict:

@@ -87,6 +87,7 @@ def test_second_invocation_reuses_runs_and_reports_a_failing_notebook(tiny, tmp_
     root, env, _ = tiny
     logs = {p: p.read_text() for p in (root / "runs").glob("*/log.csv")}
     metrics = {p: p.stat().st_mtime_ns for p in (root / "runs").glob("*/metrics.json")}
+    statuses = {p: p.stat().st_mtime_ns for p in (root / "runs").glob("*/status.json")}   # finished runs not even reopened
     # a copy of reproduce/ whose cost notebook raises in its third cell
     rep = tmp_path / "reproduce"
     shutil.copytree(X.reproduce_dir(), rep)
@@ -106,6 +107,7 @@ def test_second_invocation_reuses_runs_and_reports_a_failing_notebook(tiny, tmp_
     # nothing retrained or rescored: logs identical, metrics untouched
     assert all(p.read_text() == t for p, t in logs.items())
     assert all(p.stat().st_mtime_ns == m for p, m in metrics.items())
+    assert all(p.stat().st_mtime_ns == m for p, m in statuses.items()), [p.parent.name for p, m in statuses.items() if p.stat().st_mtime_ns != m]
 
 
 def test_chained_time_boxed_calls_finish_the_plan_exactly(tiny, tmp_path, monkeypatch):
