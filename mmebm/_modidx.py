@@ -288,6 +288,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                'mmebm.metrics._offline_extractor_class': ('metrics.html#_offline_extractor_class', 'mmebm/metrics.py'),
                                'mmebm.metrics._published_state': ('metrics.html#_published_state', 'mmebm/metrics.py'),
                                'mmebm.metrics._tf': ('metrics.html#_tf', 'mmebm/metrics.py'),
+                               'mmebm.metrics.cached_features': ('metrics.html#cached_features', 'mmebm/metrics.py'),
                                'mmebm.metrics.check_floor': ('metrics.html#check_floor', 'mmebm/metrics.py'),
                                'mmebm.metrics.classifier_set': ('metrics.html#classifier_set', 'mmebm/metrics.py'),
                                'mmebm.metrics.coherence_metrics': ('metrics.html#coherence_metrics', 'mmebm/metrics.py'),

@@ -21,9 +21,9 @@ __all__ = ['ACCURACY_FLOOR', 'CLASSIFIER_VERSION', 'PUBLISHED_CLASSIFIER_FILE', 
            'check_floor', 'PublishedPolyMNISTClassifier', 'load_published_classifiers', 'save_published_format',
            'proper_subsets', 'model_device', 'conditional_coherence', 'summarise_conditional',
            'unconditional_coherence', 'ReferenceModel', 'fid_helper_file', 'inception_extractor', 'to_uint8', 'extract',
-           'frechet_distance', 'fingerprint', 'real_features', 'sample_many', 'parameter_counts', 'generation_latency',
-           'revision_of', 'kinds_of', 'classifier_set', 'coherence_metrics', 'conditional_samples', 'fid_metrics',
-           'cost_metrics', 'provenance', 'write_metrics', 'evaluate']
+           'frechet_distance', 'fingerprint', 'real_features', 'cached_features', 'sample_many', 'parameter_counts',
+           'generation_latency', 'revision_of', 'kinds_of', 'classifier_set', 'coherence_metrics',
+           'conditional_samples', 'fid_metrics', 'cost_metrics', 'provenance', 'write_metrics', 'evaluate']
 
 # %% ../nbs/06_metrics.ipynb #28dc7c58
 class MetricUnavailable(RuntimeError):
@@ -340,9 +340,13 @@ def real_features(ds: PolyMNIST, k: int, extractor, key: str, n: int, progress: 
     and by the extractor's weights (`fingerprint`): retrained classifiers never meet another set's cached features."""
     split_sha = read_manifest(ds.path)["files"][f"{ds.split}/m{k}.npy"][:16]
     f = ds.path / "fid_features" / f"{key}-{fingerprint(extractor)}-{ds.split}-m{k}-{split_sha}-n{n}.pt"
+    return cached_features(f, lambda: extract(extractor, ds.get_batch(np.arange(n))[0][ds.modalities.index(k)],
+                                              progress=progress, desc=f"real m{k} {key}"))
+
+def cached_features(f: Path, compute) -> torch.Tensor:
+    "The tensor saved at `f`, or `compute()` saved there first (atomically: concurrent scorers never read half a file)."
     if f.exists(): return torch.load(f, weights_only=True)
-    x, _ = ds.get_batch(np.arange(n))
-    feats = extract(extractor, x[ds.modalities.index(k)], progress=progress, desc=f"real m{k} {key}")
+    feats = compute()
     f.parent.mkdir(parents=True, exist_ok=True)
     tmp = f.with_name(f.name + f".{os.getpid()}.tmp"); torch.save(feats, tmp); os.replace(tmp, f)
     return feats
