@@ -65,6 +65,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                  'mmebm.baselines.MultimodalVAE.sample': ('baselines.html#multimodalvae.sample', 'mmebm/baselines.py'),
                                  'mmebm.baselines.MultimodalVAE.sampling_parameters': ( 'baselines.html#multimodalvae.sampling_parameters',
                                                                                         'mmebm/baselines.py'),
+                                 'mmebm.baselines._shape': ('baselines.html#_shape', 'mmebm/baselines.py'),
                                  'mmebm.baselines.baseline_config_hash': ('baselines.html#baseline_config_hash', 'mmebm/baselines.py'),
                                  'mmebm.baselines.baseline_profile': ('baselines.html#baseline_profile', 'mmebm/baselines.py'),
                                  'mmebm.baselines.baseline_run_dir': ('baselines.html#baseline_run_dir', 'mmebm/baselines.py'),

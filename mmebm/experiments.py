@@ -9,6 +9,7 @@ from __future__ import annotations
 import json, os, shutil, time, traceback
 import dataclasses
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 import numpy as np
 import torch
@@ -99,11 +100,11 @@ def cub_runs(plan: dict) -> list[RunSpec]:
     try: data, skip = cub_data(plan), None
     except FileNotFoundError as e: data, skip = "real CUB (not given)", str(e)     # the other runs go on without it
     cfg = profile(cub["profile"]).replace(name=f"{plan['name']}-cub", data=data, **budget, **(cub.get("set") or {}))
-    # the baselines that take captions (07_baselines: TEXT_BASELINES), same data and evaluation, `cub.baselines.iterations`
+    # the baselines on the same data, with the same evaluation and sample figures, `cub.baselines.iterations`
     same = dict(data=data, data_seed=cfg.data_seed, data_limit=cfg.data_limit, seed=cfg.seed, device=cfg.device)
     return [RunSpec("cub", cfg, cub["eval"], artefacts=True, skip=skip)] + [
         RunSpec(f"cub-baseline-{key}", baseline_profile(key, cub["profile"], name=f"{plan['name']}-cub-{key}", iterations=int(n),
-                                                       epochs=None, **same), cub["eval"], skip=skip)
+                                                       epochs=None, **same), cub["eval"], artefacts=True, skip=skip)
         for key, n in ((cub.get("baselines") or {}).get("iterations") or {}).items()]
 
 def plan_runs(plan: dict) -> tuple[list[RunSpec], dict]:
@@ -208,12 +209,13 @@ def sample_artefacts(run_dir, n_grid: int = 8, n_cross: int = 4, n_traj: int = 4
     return out
 
 @torch.no_grad()
-def cub_sample_artefacts(run_dir, n_grid: int = 8, seed: int = 0, **unused) -> Path:
-    """`samples.npz` of a CUB run: the first n_grid test images with their first caption, joint samples, captions from
-    the images and images from the captions, each as the generator gives them and revised by the EBM (captions as text)."""
+def cub_sample_artefacts(run_dir, n_grid: int = 8, seed: int = 0, load=Trainer.resume, **unused) -> Path:
+    """`samples.npz` of a CUB run (ours, or a baseline's with `load=BaselineTrainer.resume`): the first n_grid test
+    images with their first caption, joint samples, captions from the images and images from the captions, for each
+    kind of sample the model has (generator; EBM-revised or refined) (captions as text)."""
     from mmebm.cub import CUBCaptions
     from mmebm.cub_metrics import cub_generations
-    t = Trainer.resume(run_dir)
+    t = load(run_dir)
     model = t.model.eval()
     test = CUBCaptions(t.data_path, "test")
     torch.manual_seed(seed)
@@ -230,9 +232,10 @@ def cub_sample_artefacts(run_dir, n_grid: int = 8, seed: int = 0, **unused) -> P
     return Path(run_dir) / "samples.npz"
 
 def artefacts_of(spec: RunSpec):
-    "The sample writer for a run: ours on PolyMNIST or CUB, or a baseline's."
-    if is_baseline(spec): return baseline_sample_artefacts
-    return cub_sample_artefacts if spec.cfg.dataset == "cub" else sample_artefacts
+    "The sample writer for a run: ours or a baseline's, on PolyMNIST or CUB."
+    if spec.cfg.dataset == "cub":
+        return partial(cub_sample_artefacts, load=baselines.BaselineTrainer.resume) if is_baseline(spec) else cub_sample_artefacts
+    return baseline_sample_artefacts if is_baseline(spec) else sample_artefacts
 
 @torch.no_grad()
 def baseline_sample_artefacts(run_dir, n_grid: int = 8, n_cross: int = 4, seed: int = 0, **unused) -> Path:

@@ -173,26 +173,53 @@ def test_minutes_of_training_beat_chance_coherence(key, tmp_path):
     assert table["coherence"].max() > 0.1 + 4 * math.sqrt(0.09 / 500), table
 
 
-@pytest.mark.parametrize("key", B.TEXT_BASELINES)
-def test_the_baselines_written_here_take_captions(key, tmp_path, monkeypatch):
-    """On the CUB stand-in: a caption encoder and a categorical caption decoder from the data's modalities, the loss
-    falls over a few iterations, resume continues the same run, and generation gives caption logits from an image."""
+@pytest.mark.parametrize("key", list(B.BASELINES))
+def test_every_baseline_takes_captions(key, tmp_path, monkeypatch):
+    """On the CUB stand-in: a caption encoder and a categorical caption decoder from the data's modalities (multivae's
+    categorical likelihood for MMVAE+, MoPoE and CMVAE), the loss falls over a few iterations, resume continues the
+    same run, and generation gives caption logits from an image and an image from a caption. Diff-CMVAE: its refiner
+    trains on the images after the CMVAE and leaves the caption as the CMVAE gave it."""
     monkeypatch.setenv("MMEBM_DATA_DIR", str(tmp_path / "data"))
-    cfg = B.baseline_profile(key, "cub-tiny", data_limit=64, iterations=30, checkpoint_every=15)
+    cfg = B.baseline_profile(key, "cub-tiny", data_limit=64, iterations=30, checkpoint_every=15,
+                             **({"vae_iterations": 24} if key == "diff_cmvae" else {}))
     t, status = B.train_baseline(cfg.replace(iterations=15), tmp_path / key, progress=False)
     t, status = B.train_baseline(cfg, tmp_path / key, progress=False)
     assert status["state"] == "completed" and status["iteration"] == 30 and status["data"]["source"] == "cub-standin"
     assert t.cfg.modalities[1]["kind"] == "text" and B.baseline_config_hash(t.cfg) == status["config_hash"]
-    loss = pd.read_csv(tmp_path / key / "log.csv")["loss"]
+    log = pd.read_csv(tmp_path / key / "log.csv")
+    loss = log[log.phase == "vae"]["loss"]
     assert loss.tail(5).mean() < loss.head(5).mean(), loss.tolist()
     (img, cap), _ = t.train_ds.get_batch(np.arange(3))
-    with torch.no_grad(): out = t.model.eval().generate({0: img})
-    assert out[1].shape == cap.shape and out[0].shape == img.shape
+    torch.manual_seed(0)
+    with torch.no_grad():
+        out, back = t.model.eval().generate({0: img}), t.model.generate({1: cap})
+    assert out[1].shape == cap.shape and out[0].shape == img.shape and back[0].shape == img.shape
+    assert torch.isfinite(out[1]).all() and back[0].abs().max() <= 1
+    if key == "diff_cmvae":
+        assert (log.phase == "refiner").sum() == 6 and np.isfinite(log[log.phase == "refiner"]["loss"]).all()
+        coarse = t.model.vae.generate({1: cap})
+        refined = t.model.refine(coarse)
+        assert torch.equal(refined[1], coarse[1]) and not torch.equal(refined[0], coarse[0])
 
 
-def test_image_only_baselines_refuse_captions_and_old_run_ids_stay():
+def test_multivae_reads_a_caption_as_its_token_probabilities():
+    """The adapter gives multivae softmax(logits) (its categorical likelihood multiplies the target by log-softmax) and
+    gives our TextEncoder log p back, whose softmax is p: the caption expert sees what our own model's expert sees."""
     cub = [{"kind": "image", "size": 64, "channels": 3}, {"kind": "text", "vocab": 30, "length": 32}]
-    with pytest.raises(ValueError, match="images only"):
-        B.build_baseline(B.baseline_profile("mopoe", "cub-tiny", modalities=cub))
+    torch.manual_seed(0)
+    m = B.LibraryBaseline(B.baseline_profile("mopoe", "cub-tiny", modalities=cub), "mopoe")
+    logits = torch.randn(4, 32, 30) * 3
+    held = m._data({1: logits}).data
+    assert torch.allclose(held["m1"], torch.softmax(logits, -1)) and held["m0"].shape == (4, 3, 64, 64)
+    enc = m.net.encoders["m1"]
+    assert torch.allclose(enc(held["m1"]).embedding, enc.net(logits)[0], atol=1e-5)
+    # multivae's categorical log-likelihood of a caption is minus our categorical_nll
+    from mmebm.nets import categorical_nll
+    rec = torch.randn(4, 32, 30)
+    lp = m.net.recon_log_probs["m1"](rec, held["m1"]).sum((1, 2))
+    assert torch.allclose(-lp, categorical_nll(logits, rec), rtol=1e-4)
+
+
+def test_old_baseline_run_ids_stay():
     # the fields added for CUB are not hashed at their defaults: PolyMNIST runs keep the ids they were trained under
     assert B.baseline_config_hash(B.baseline_profile("helvae", "smoke", name="smoke-helvae", iterations=2400)) == "810b1d16"

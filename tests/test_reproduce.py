@@ -28,7 +28,8 @@ TABLES = {
                   "FID clf caption->image", "FID Inception uncond", "FID Inception caption->image", "iterations", "train s"],
 }
 FIGURES = ["ebm_loss", "generator_loss", "trajectories", "step_ablation", "samples_unconditional", "samples_cross_modal",
-           "samples_baselines", "samples_baselines_cross", "cub_joint_samples", "cub_image_to_caption", "cub_caption_to_image"]
+           "samples_baselines", "samples_baselines_cross", "cub_joint_samples", "cub_image_to_caption", "cub_caption_to_image",
+           "cub_models_caption_to_image", "cub_models_image_to_caption"]
 
 
 @pytest.fixture(scope="module")
@@ -74,11 +75,13 @@ def test_tiny_reproduce_produces_every_table_and_figure(tiny):
     assert "| main | completed | 6 |" in index and "sha256" in index and "ok" in index and "training" in index
     runs = json.loads((res / "runs.json").read_text())
     assert set(runs["runs"]) == {"main", "center", "latent-independent", "inference-independent", "Kx2", "Kz1", "noise-Kx2", "noise-Kx4",
-                                 *(f"baseline-{k}" for k in ("mmvae_plus", "mopoe", "mwb", "code", "helvae", "diff_cmvae")), "cub", "cub-baseline-code"}
+                                 *(f"baseline-{k}" for k in ("mmvae_plus", "mopoe", "mwb", "code", "helvae", "diff_cmvae")), "cub", "cub-baseline-code", "cub-baseline-diff_cmvae"}
     cub = json.loads((res / "runs" / "cub" / "metrics.json").read_text())
     assert cub["provenance"]["data"]["source"] == "cub-standin" and "cub-standin" in (res / "tables" / "cub_table.md").read_text()
     cub_table = pd.read_csv(res / "tables" / "cub_table.csv")
-    assert list(cub_table["model"]) == ["MMEBM (ours), generator", "MMEBM (ours), EBM-revised", "CoDE-VAE"]
+    assert list(cub_table["model"]) == ["MMEBM (ours), generator", "MMEBM (ours), EBM-revised", "CoDE-VAE",
+                                        "CMVAE (Diff-CMVAE's first stage)", "Diff-CMVAE (CMVAE + DDPM refiner)"]
+    assert all((res / "runs" / r / "samples.npz").exists() for r in ("cub", "cub-baseline-code", "cub-baseline-diff_cmvae"))
     assert cub_table["FID clf uncond"].notna().all() and cub_table["iterations"].eq(4).all()
     assert runs["sweeps"]["K_x"] == {"2": "Kx2", "3": "center"}
 
