@@ -432,6 +432,8 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                              'mmebm.scale.mean_over_ranks': ('scale.html#mean_over_ranks', 'mmebm/scale.py'),
                              'mmebm.scale.ranks': ('scale.html#ranks', 'mmebm/scale.py'),
                              'mmebm.scale.shard': ('scale.html#shard', 'mmebm/scale.py'),
+                             'mmebm.scale.switch_errors': ('scale.html#switch_errors', 'mmebm/scale.py'),
+                             'mmebm.scale.switch_step': ('scale.html#switch_step', 'mmebm/scale.py'),
                              'mmebm.scale.to_memory_format': ('scale.html#to_memory_format', 'mmebm/scale.py')},
             'mmebm.train': { 'mmebm.train.CUBModalities': ('train.html#cubmodalities', 'mmebm/train.py'),
                              'mmebm.train.CUBModalities.__init__': ('train.html#cubmodalities.__init__', 'mmebm/train.py'),

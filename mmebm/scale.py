@@ -11,11 +11,12 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from .model import MMEBM
-from .revision import bound_losses
+from .revision import bound_losses, RevisionStep
 
 # %% auto #0
-__all__ = ['Ranks', 'ranks', 'init_distributed', 'close_distributed', 'shard', 'mean_over_ranks', 'any_rank', 'gather_objects',
-           'LossModule', 'ddp_losses', 'compiled_nets', 'fast_path', 'to_memory_format']
+__all__ = ['SWITCH_CHECK_MODEL', 'SWITCH_KEYS', 'Ranks', 'ranks', 'init_distributed', 'close_distributed', 'shard',
+           'mean_over_ranks', 'any_rank', 'gather_objects', 'LossModule', 'ddp_losses', 'compiled_nets', 'fast_path',
+           'to_memory_format', 'switch_step', 'switch_errors']
 
 # %% ../nbs/04b_scale.ipynb #5aaecb49
 @dataclass(frozen=True)
@@ -120,3 +121,38 @@ def fast_path(model: MMEBM, channels_last: bool = False, compile: str | None = N
 def to_memory_format(x: Sequence[torch.Tensor], channels_last: bool) -> list[torch.Tensor]:
     "A batch in the memory format the nets expect."
     return [t.contiguous(memory_format=torch.channels_last) if channels_last and t.dim() == 4 else t for t in x]
+
+# %% ../nbs/04b_scale.ipynb #b9242838
+SWITCH_CHECK_MODEL = dict(n_modalities=2, latent_dim=8, enc_width=8, enc_hidden=32, dec_width=8, ebm_width=8, ebm_feat=16,
+                          ebm_hidden=32, K_x=3, K_z=2)
+
+def switch_step(amp: bool = False, channels_last: bool = False, compile: str | None = None, losses=None, reduce=None,
+                seed: int = 0, device: str = "cpu", batch: int = 16, **model_kw) -> tuple[dict, dict]:
+    """One `RevisionStep` of a fresh small model (`SWITCH_CHECK_MODEL`, fields overridable) from `seed` on a fixed batch,
+    with the given fast-path switches, on `device`: its log and each model's parameter update (after minus before,
+    in float32). The checks below, tests/test_scale.py and tests/test_gpu.py compare a switch with the plain path."""
+    torch.manual_seed(seed)                                   # the CUDA generator too: the chains' noise
+    kw = SWITCH_CHECK_MODEL | model_kw
+    model = fast_path(MMEBM(**kw).to(device), channels_last, compile)
+    # plain SGD: a parameter difference is then the gradient difference times the rate (Adam's first step
+    # normalises every gradient to about +-lr, so near-zero gradients would turn rounding into sign flips)
+    sgd = lambda ps: torch.optim.SGD(ps, lr=1e-2)
+    step = RevisionStep(model, sgd(model.ebm.parameters()), sgd(model.generator.parameters()),
+                        sgd(model.inference.parameters()), amp=amp,
+                        losses=losses(model) if losses else None, reduce=reduce)
+    x = [(torch.rand(batch, 3, 28, 28, generator=torch.Generator().manual_seed(m)) * 2 - 1).to(device)
+         for m in range(kw["n_modalities"])]
+    flat = lambda: {k: torch.cat([p.detach().float().flatten() for p in getattr(model, k).parameters()]).cpu()
+                    for k in ("generator", "inference", "ebm")}
+    before = flat()
+    log = step(to_memory_format(x, channels_last))
+    return log, {k: v - before[k] for k, v in flat().items()}
+
+SWITCH_KEYS = ("loss_G", "loss_I", "loss_E", "E_data", "E_revised")     # the log entries compared
+
+def switch_errors(run: tuple[dict, dict], plain: tuple[dict, dict]) -> dict:
+    """Relative differences of a switched step from the plain one: each logged loss and energy (`SWITCH_KEYS`), and
+    each model's update, ||u - u_plain|| / ||u_plain|| (keys `update_generator`, `update_inference`, `update_ebm`)."""
+    (log, upd), (base_log, base_upd) = run, plain
+    out = {k: abs(log[k] - base_log[k]) / max(abs(base_log[k]), 1e-8) for k in SWITCH_KEYS}
+    return out | {f"update_{k}": float((upd[k] - base_upd[k]).norm() / base_upd[k].norm()) for k in base_upd}

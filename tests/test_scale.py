@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -121,15 +122,31 @@ def test_torchrun_two_processes_train_resume_and_stay_in_sync(tmp_path):
 @pytest.mark.slow
 def test_inductor_compile_matches_eager_on_cpu():
     "torch.compile with the code-generating backend (inductor, C++ on CPU): the same iteration within fp32 tolerance."
-    from mmebm.revision import RevisionStep
+    err = scale.switch_errors(scale.switch_step(compile="inductor"), scale.switch_step())
+    assert all(err[k] <= 1e-4 for k in ("loss_G", "loss_I", "loss_E", "E_data")), err
 
-    def step(compile):
-        torch.manual_seed(0)
-        model = scale.fast_path(MMEBM(**SMALL), compile=compile)
-        sgd = lambda ps: torch.optim.SGD(ps, lr=1e-2)
-        s = RevisionStep(model, sgd(model.ebm.parameters()), sgd(model.generator.parameters()), sgd(model.inference.parameters()))
-        x = [torch.rand(B, 3, 28, 28, generator=torch.Generator().manual_seed(m)) * 2 - 1 for m in range(2)]
-        return s(x)
-    eager, compiled = step(None), step("inductor")
-    for k in ("loss_G", "loss_I", "loss_E", "E_data"):
-        assert abs(compiled[k] - eager[k]) <= 1e-4 * max(abs(eager[k]), 1e-6), (k, compiled[k], eager[k])
+
+def test_the_gpu_session_script_dry_runs_on_cpu_and_continues_its_training(tmp_path):
+    """reproduce/gpu_session.sh (issue 8's prepared GPU command) with PROFILE=tiny on this CPU: the benchmark plain and
+    with a switch, a training chunk, then a second command that continues that run and scores it."""
+    root = Path(__file__).resolve().parents[1]
+    env = os.environ | {"OUT": str(tmp_path / "out"), "PROFILE": "tiny", "FAST_SET": "channels_last=true", "TRAIN_ITERATIONS": "3",
+                        "TRAIN_MINUTES": "5", "MMEBM_RUNS_DIR": str(tmp_path / "runs"), "PYTHON": sys.executable}
+    run = lambda e, *stages: subprocess.run(["bash", str(root / "reproduce" / "gpu_session.sh"), *stages], env=e,
+                                            capture_output=True, text=True, timeout=900)
+    r = run(env, "bench", "train")
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    out = tmp_path / "out"
+    assert sorted(p.name for p in out.iterdir()) == ["run.tar.gz", "session.txt", "tiny-cpu-fast.csv", "tiny-cpu-fast.txt",
+                                                      "tiny-cpu.csv", "tiny-cpu.txt"]
+    session = (out / "session.txt").read_text()
+    assert "device: no CUDA" in session and "done (exit 0" in session and '"iteration": 3' in session
+    assert "channels_last" in (out / "tiny-cpu-fast.txt").read_text()
+    # a second command on the same machine continues the run and scores it; the packed run has its metrics
+    r = run(env | {"OUT": str(tmp_path / "out2"), "TRAIN_ITERATIONS": "5", "EVAL_N": "50"}, "train", "evaluate")
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert '"iteration": 5' in (tmp_path / "out2" / "session.txt").read_text()
+    with tarfile.open(tmp_path / "out2" / "run.tar.gz") as tar:
+        names = sorted(Path(n).name for n in tar.getnames())
+    assert names == ["config.yaml", "log.csv", "metrics.csv", "metrics.json", "status.json"], names
+    assert run(env, "nonsense").returncode == 2
