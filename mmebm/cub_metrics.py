@@ -191,18 +191,24 @@ def evaluate_cub(run_dir, t, n_coherence: int = 500, n_fid: int = 1000, n_incept
     n_gen, t0 = min(len(test.images), max(n_coherence, n_fid, n_inception)), time.time()
     gens = {k: cub_generations(model, test, n_gen, k != "generator") for k in kinds}
     res["generation"], res["seconds"]["generation"] = {"n": n_gen}, round(time.time() - t0, 1)
+    def refused(what: str) -> str | None:
+        "Why the classifiers cannot measure `what`: none (no labels), or below the accuracy floor (then neither coherence nor FID on their features)."
+        if clf is None: return res["classifiers"]["unavailable"]
+        try: check_floor(clf, CUB_ACCURACY_FLOOR, CLASSIFIER_NAMES, what=what)
+        except MetricUnavailable as e: return str(e)
     def coherence():
-        if clf is None: return {"unavailable": res["classifiers"]["unavailable"]}
-        try: check_floor(clf, CUB_ACCURACY_FLOOR, CLASSIFIER_NAMES)
-        except MetricUnavailable as e: return {"unavailable": str(e)}
+        if why := refused("coherence"): return {"unavailable": why}
         return {k: cub_coherence(g, test, clf, min(n_coherence, n_gen)) for k, g in gens.items()}
     timed("coherence", coherence)
     def colours():
         try: return {k: colour_agreement(g["image_to_caption"], test, min(n_coherence, n_gen)) for k, g in gens.items()}
         except MetricUnavailable as e: return {"unavailable": str(e)}
     timed("caption_colours", colours)
-    timed("fid_classifier", lambda: {"unavailable": res["classifiers"]["unavailable"]} if clf is None else
-          {"features": "image classifier penultimate layer (128-d): not Inception FID"} | image_fid(gens, test, clf["models"][0], "cubclf", n_fid, progress))
+    def fid_classifier():
+        if why := refused("FID on the image classifier's features"): return {"unavailable": why}
+        return ({"features": "image classifier penultimate layer (128-d): not Inception FID"}
+                | image_fid(gens, test, clf["models"][0], "cubclf", n_fid, progress))
+    timed("fid_classifier", fid_classifier)
     def inception():
         if not n_inception: return {"unavailable": "not requested (n_inception=0)"}
         try: ext, route = inception_extractor(inception_weights, inception_route)

@@ -115,11 +115,11 @@ def get_classifiers(data_path, seed: int = 0, device="cpu", progress: bool = Tru
     if not f.exists(): save_classifiers(train_classifiers(data_path, seed=seed, progress=progress), f)
     return load_classifiers(f, device)
 
-def check_floor(classifiers: dict, floor: float = ACCURACY_FLOOR, names=None):
-    "Raise `MetricUnavailable` unless every classifier's real-test accuracy clears the floor."
+def check_floor(classifiers: dict, floor: float = ACCURACY_FLOOR, names=None, what: str = "coherence"):
+    "Raise `MetricUnavailable` unless every classifier's real-test accuracy clears the floor (`what` names the refused metric)."
     names = names or [f"m{k}" for k in range(len(classifiers["accuracy"]))]
     low = {n: round(a, 4) for n, a in zip(names, classifiers["accuracy"]) if a < floor}
-    if low: raise MetricUnavailable(f"classifier accuracy below the floor {floor}: {low}; coherence not reported")
+    if low: raise MetricUnavailable(f"classifier accuracy below the floor {floor}: {low}; {what} not reported")
 
 # %% ../nbs/06_metrics.ipynb #1a9be3b2
 PUBLISHED_CLASSIFIER_FILE = "pretrained_img_to_digit_clf_m{k}"

@@ -11,6 +11,7 @@ from pathlib import Path
 import nbformat
 import pandas as pd
 import pytest
+import yaml
 
 from mmebm import experiments as X
 
@@ -144,3 +145,34 @@ def test_a_plan_on_the_real_cub_without_its_folder_skips_that_run_with_the_reaso
     monkeypatch.setenv(X.CUB_ROOT_ENV, "/data/CUB")
     cub = next(s for s in X.plan_runs(X.load_plan("paper"))[0] if s.role == "cub")
     assert cub.skip is None and cub.cfg.data == "/data/CUB" and cub.cfg.latent_dim == 128 and cub.cfg.dataset == "cub"
+
+
+def test_a_published_cub_tree_goes_through_reproduce_and_the_cub_notebook(tmp_path, monkeypatch):
+    """What a user with the real CUB does (`mmebm reproduce --cub-root DIR` with a plan whose cub.data is "real"), on a
+    small tree in the published layout with CUBICC labels: the tree is imported, ours and a baseline train and are
+    scored, and 08_cub renders from them, naming that data set. Its random images leave the classifiers below their
+    floor, so coherence and the classifier-feature FID are reported unavailable with the reason, not computed."""
+    from mmebm import cub as C
+    root = C.write_cub_fixture(tmp_path / "CUB", per_class={"train": [6, 6, 6], "test": [2, 2, 2]})
+    plan = {"name": "realcub", "profile": "tiny", "set": {}, "main": {}, "update_readme": False,
+            "eval": {"main": {"n_coherence": 8, "n_fid": 8, "n_inception": 0}},
+            "samples": {"n_grid": 2, "n_cross": 2, "n_traj": 2, "record_every": 1},
+            "cub": {"profile": "cub-tiny", "data": "real", "iterations": 2, "eval": {"n_coherence": 6, "n_fid": 6, "n_inception": 0},
+                    "baselines": {"iterations": {"mopoe": 2}}}}
+    (tmp_path / "realcub.yaml").write_text(yaml.safe_dump(plan))
+    env = {k: v for k, v in os.environ.items() if k != X.CUB_ROOT_ENV} | {"MMEBM_RUNS_DIR": str(tmp_path / "runs"),
+                                                                         "MMEBM_DATA_DIR": str(tmp_path / "data")}
+    res = tmp_path / "results"
+    r = subprocess.run([str(Path(sys.executable).with_name("mmebm")), "reproduce", "--plan", str(tmp_path / "realcub.yaml"),
+                        "--cub-root", str(root), "--results-dir", str(res), "--quiet"], capture_output=True, text=True, env=env, timeout=900)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    runs = json.loads((res / "runs.json").read_text())["runs"]
+    assert runs["cub"]["state"] == "completed" and runs["cub-baseline-mopoe"]["state"] == "completed"
+    m = json.loads((res / "runs" / "cub" / "metrics.json").read_text())
+    assert m["provenance"]["data"]["source"] != "cub-standin"
+    assert "below the floor" in m["coherence"]["unavailable"] and "below the floor" in m["fid_classifier"]["unavailable"]
+    table = (res / "tables" / "cub_table.md").read_text()
+    assert m["provenance"]["data"]["name"] in table and "MoPoE" in table
+    assert "Coherence unavailable: classifier accuracy below the floor" in table and "FID clf unavailable" in table
+    assert (res / "figures" / "cub_models_image_to_caption.png").exists()
+    assert "08_cub" in (res / "README.md").read_text()
