@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 from .data import PolyMNIST, polymnist_path, read_manifest
 from .cub import CUBCaptions, cub_path, Vocab, MAX_LEN
 from .nets import token_logits
-from .model import MMEBM, frozen
+from .model import MMEBM, frozen, modality_specs
 from .revision import RevisionStep, Diverged
 from . import scale
 
@@ -438,10 +438,13 @@ def median_time(fn, repeats: int = 3, warmup: int = 1, device=None) -> float:
 
 def benchmark(cfg: Config, repeats: int = 3, warmup: int = 1, refiner_steps: int = 1000, refiner_width: int = 64):
     """A table (pandas) of median seconds per part of one training iteration, and the whole-to-parts ratio, on the
-    config's fast-path switches (amp, channels_last, compile: compare a run with them against one without)."""
+    config's fast-path switches (amp, channels_last, compile: compare a run with them against one without). The
+    batch is random data of the config's modalities (CUB: an image and caption logits, the vocabulary read from the
+    data, which is built or imported first); an epoch is PolyMNIST's 60,000 tuples or the CUB split's pairs."""
     import pandas as pd
     from mmebm.revision import generator_loss, inference_loss, ebm_loss
-    if cfg.dataset != "polymnist": raise ValueError("the benchmark times PolyMNIST configs (CUB: not yet)")
+    cfg = resolve_config(cfg)
+    epoch = 60000 if cfg.dataset == "polymnist" else len(dataset_of(cfg, data_path_of(cfg), "train"))
     device = resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)
     model = scale.fast_path(build_model(cfg).to(device), cfg.channels_last, cfg.compile)
@@ -449,7 +452,9 @@ def benchmark(cfg: Config, repeats: int = 3, warmup: int = 1, refiner_steps: int
     step = RevisionStep(model, opt["E"], opt["G"], opt["I"], cfg.lambda_S, cfg.lambda_I, cfg.temper,
                         cfg.resample_after_g, math.inf, cfg.amp)
     b = cfg.batch_size
-    x = [torch.rand(b, cfg.channels, cfg.image_size, cfg.image_size, device=device) * 2 - 1 for _ in range(cfg.n_modalities)]
+    rand = lambda s: (torch.rand(b, s["channels"], s["size"], s["size"], device=device) * 2 - 1 if s["kind"] == "image"
+                      else token_logits(torch.randint(s["vocab"], (b, s["length"]), device=device), s["vocab"]))
+    x = [rand(s) for s in modality_specs(cfg.n_modalities, cfg.image_size, cfg.channels, cfg.modalities)]
     x = scale.to_memory_format(x, cfg.channels_last)
     ac = lambda: step._autocast(device)     # the parts run under the same autocast as the whole iteration
     z = model.generator.prior(b, device)
@@ -482,23 +487,25 @@ def benchmark(cfg: Config, repeats: int = 3, warmup: int = 1, refiner_steps: int
     table = pd.DataFrame(rows)
     table.attrs.update(device=device_name(device), ratio=secs["iteration"] / total_parts, batch_size=b,
                        fast_path={"amp": cfg.amp, "channels_last": cfg.channels_last, "compile": cfg.compile},
-                       iterations_per_epoch=60000 // b, seconds_per_epoch=secs["iteration"] * (60000 // b))
+                       epoch_size=epoch, iterations_per_epoch=epoch // b, seconds_per_epoch=secs["iteration"] * (epoch // b))
     table.attrs.update(sampling_throughput(model, x, refiner_steps, refiner_width, repeats, warmup))
     return table
 
 def sampling_throughput(model, x, refiner_steps: int = 1000, refiner_width: int = 64, repeats: int = 3, warmup: int = 1) -> dict:
     """Images per second: through the EBM (energy and its input gradient: one data-space Langevin step), one-step
     generator sampling, and a DDPM refiner (`DenoisingUNet`, conditioned on the coarse image) of the same resolution
-    taking `refiner_steps` passes per image. The refiner's time is one timed pass times the number of steps."""
+    taking `refiner_steps` passes per image. The refiner's time is one timed pass times the number of steps. Only
+    image modalities count as images (a CUB tuple is one image and a caption: the caption costs, it does not count)."""
     from mmebm.nets import DenoisingUNet
     device = next(model.parameters()).device
-    b, M = x[0].shape[0], len(x)
+    images = [t for t in x if t.dim() == 4]
+    b, M = x[0].shape[0], len(images)
     def ebm_step():
         xs = [t.detach().requires_grad_(True) for t in x]
         torch.autograd.grad(model.ebm.energy(xs).sum(), xs)
     z = model.generator.prior(b, device)
-    unet = DenoisingUNet(x[0].shape[1], refiner_width).to(device).eval()
-    xt, tt = torch.cat(x), torch.full((b * M,), refiner_steps // 2, device=device)
+    unet = DenoisingUNet(images[0].shape[1], refiner_width).to(device).eval()
+    xt, tt = torch.cat(images), torch.full((b * M,), refiner_steps // 2, device=device)
     with torch.no_grad():
         gen = median_time(lambda: model.generator.decode(z), repeats, warmup, device)
         one_pass = median_time(lambda: unet(xt, tt, xt), repeats, warmup, device)
@@ -514,7 +521,7 @@ def format_benchmark(table) -> str:
     fast = ", ".join(f"{k}={v}" for k, v in a.get("fast_path", {}).items() if v) or "off (plain fp32, eager)"
     return (f"device: {a['device']}   batch: {a['batch_size']}   fast path: {fast}\n" + table.to_string(index=False, float_format=lambda v: f"{v:.4f}") +
             f"\nwhole / sum of parts: {a['ratio']:.3f}\n"
-            f"seconds per epoch (60,000 tuples, {a['iterations_per_epoch']} iterations): {a['seconds_per_epoch']:.1f}"
+            f"seconds per epoch ({a.get('epoch_size', 60000):,} tuples, {a['iterations_per_epoch']} iterations): {a['seconds_per_epoch']:.1f}"
             f"\nimages/s through the EBM (energy + input gradient): {a['ebm_images_per_s']:,.0f}"
             f"\none-step generator sampling: {a['generator_images_per_s']:,.0f} images/s; DDPM refiner ({a['refiner_steps']} steps, "
             f"{a['refiner_parameters'] / 1e6:.2f}M parameters, one timed pass x steps): {a['refiner_images_per_s']:,.1f} images/s; "
