@@ -191,10 +191,12 @@ def evaluate_cub(run_dir, t, n_coherence: int = 500, n_fid: int = 1000, n_incept
     n_gen, t0 = min(len(test.images), max(n_coherence, n_fid, n_inception)), time.time()
     gens = {k: cub_generations(model, test, n_gen, k != "generator") for k in kinds}
     res["generation"], res["seconds"]["generation"] = {"n": n_gen}, round(time.time() - t0, 1)
-    def refused(what: str) -> str | None:
-        "Why the classifiers cannot measure `what`: none (no labels), or below the accuracy floor (then neither coherence nor FID on their features)."
+    def refused(what: str, which=CLASSIFIER_NAMES) -> str | None:
+        """Why the classifiers `which` cannot measure `what`: none (no labels), or one below the accuracy floor (then
+        neither coherence nor FID on its features)."""
         if clf is None: return res["classifiers"]["unavailable"]
-        try: check_floor(clf, CUB_ACCURACY_FLOOR, CLASSIFIER_NAMES, what=what)
+        k = [CLASSIFIER_NAMES.index(w) for w in which]
+        try: check_floor({"accuracy": [clf["accuracy"][i] for i in k]}, CUB_ACCURACY_FLOOR, list(which), what=what)
         except MetricUnavailable as e: return str(e)
     def coherence():
         if why := refused("coherence"): return {"unavailable": why}
@@ -205,7 +207,7 @@ def evaluate_cub(run_dir, t, n_coherence: int = 500, n_fid: int = 1000, n_incept
         except MetricUnavailable as e: return {"unavailable": str(e)}
     timed("caption_colours", colours)
     def fid_classifier():
-        if why := refused("FID on the image classifier's features"): return {"unavailable": why}
+        if why := refused("FID on the image classifier's features", ["image"]): return {"unavailable": why}
         return ({"features": "image classifier penultimate layer (128-d): not Inception FID"}
                 | image_fid(gens, test, clf["models"][0], "cubclf", n_fid, progress))
     timed("fid_classifier", fid_classifier)

@@ -455,7 +455,9 @@ def reproduce(plan: str | dict, results_dir=None, progress: bool = True, noteboo
         stage("scoring", t0)
     for spec in (s for s in specs if s.artefacts and ok(s)):
         t0 = time.time(); say(f"samples and trajectories of {spec.role}")
-        artefacts_of(spec)(run_dir_of(spec), **plan.get("samples", {}))
+        try: artefacts_of(spec)(run_dir_of(spec), **plan.get("samples", {}))
+        except Exception as e:      # as for scoring: the run is marked, the rest of the plan goes on
+            states[spec.role] |= {"state": "error", "reason": f"samples failed: {type(e).__name__}: {e}"}
         stage("samples", t0)
     collect(plan, specs, sweeps, states, results_dir)
 

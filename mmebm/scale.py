@@ -127,10 +127,13 @@ SWITCH_CHECK_MODEL = dict(n_modalities=2, latent_dim=8, enc_width=8, enc_hidden=
                           ebm_hidden=32, K_x=3, K_z=2)
 
 def switch_step(amp: bool = False, channels_last: bool = False, compile: str | None = None, losses=None, reduce=None,
-                seed: int = 0, device: str = "cpu", batch: int = 16, **model_kw) -> tuple[dict, dict]:
+                seed: int = 0, device: str = "cpu", batch: int = 16, chain_seed: int | None = None, batch_seed: int = 0,
+                **model_kw) -> tuple[dict, dict]:
     """One `RevisionStep` of a fresh small model (`SWITCH_CHECK_MODEL`, fields overridable) from `seed` on a fixed batch,
     with the given fast-path switches, on `device`: its log and each model's parameter update (after minus before,
-    in float32). The checks below, tests/test_scale.py and tests/test_gpu.py compare a switch with the plain path."""
+    in float32). The checks below, tests/test_scale.py and tests/test_gpu.py compare a switch with the plain path.
+    `chain_seed` reseeds just before the step (the prior draw and the chains' noise; the model stays the one `seed`
+    built), `batch_seed` draws another batch: the two yardsticks of the noise an update already has."""
     torch.manual_seed(seed)                                   # the CUDA generator too: the chains' noise
     kw = SWITCH_CHECK_MODEL | model_kw
     model = fast_path(MMEBM(**kw).to(device), channels_last, compile)
@@ -140,11 +143,12 @@ def switch_step(amp: bool = False, channels_last: bool = False, compile: str | N
     step = RevisionStep(model, sgd(model.ebm.parameters()), sgd(model.generator.parameters()),
                         sgd(model.inference.parameters()), amp=amp,
                         losses=losses(model) if losses else None, reduce=reduce)
-    x = [(torch.rand(batch, 3, 28, 28, generator=torch.Generator().manual_seed(m)) * 2 - 1).to(device)
+    x = [(torch.rand(batch, 3, 28, 28, generator=torch.Generator().manual_seed(m + 1000 * batch_seed)) * 2 - 1).to(device)
          for m in range(kw["n_modalities"])]
     flat = lambda: {k: torch.cat([p.detach().float().flatten() for p in getattr(model, k).parameters()]).cpu()
                     for k in ("generator", "inference", "ebm")}
     before = flat()
+    if chain_seed is not None: torch.manual_seed(chain_seed)
     log = step(to_memory_format(x, channels_last))
     return log, {k: v - before[k] for k, v in flat().items()}
 

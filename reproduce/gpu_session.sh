@@ -14,7 +14,7 @@
 # (`train` again), but its checkpoint (~73 MiB with Adam's moments) is more than one command brings back, so a
 # fresh machine starts a fresh run.
 # Env: TRAIN_MINUTES (default 4), TRAIN_ITERATIONS (default: the profile's budget), EVAL_N (default 1000), PYTHON (default python3), MMEBM_DATA_DIR / MMEBM_RUNS_DIR
-#      (default under /tmp), PROFILE (default paper; `tiny` dry-runs the script on a CPU), FAST_SET.
+#      (default under /tmp), PROFILE (default paper; `tiny` dry-runs the script on a CPU), FAST_SET, TRAIN_SET.
 #
 # Before the session, HERE (where the package registry is reachable): `bash reproduce/gpu_session.sh wheels` puts the
 # wheels the GPU machine lacks into .whl/ (git-ignored, ~20 MB); then call the device tool with carry [".whl"] and
@@ -30,15 +30,20 @@ fi
 OUT=${OUT:-results/gpu-session}; mkdir -p "$OUT"
 PY=${PYTHON:-python3}
 PROFILE=${PROFILE:-paper}
-FAST_SET=${FAST_SET:-amp=true channels_last=true compile=inductor}
+FAST_SET=${FAST_SET:-amp=true channels_last=true compile=inductor}     # the fast bench
+TRAIN_SET=${TRAIN_SET:-channels_last=true compile=inductor}            # training: not bf16 (the EBM defect, nbs/04b_scale)
 export MMEBM_DATA_DIR=${MMEBM_DATA_DIR:-/tmp/mmebm-data} MMEBM_RUNS_DIR=${MMEBM_RUNS_DIR:-/tmp/mmebm-runs}
 export PYTHONUNBUFFERED=1
+say() { echo "[gpu-session $(date -u +%T)] $*" | tee -a "$OUT/session.txt"; }
+for s in ${*:-}; do       # every stage name checked before any device time is spent
+    case $s in bench|tests|train|evaluate) ;; *) say "unknown stage $s (bench, tests, train, evaluate)"; exit 2 ;; esac
+done
 if ls .whl/*.whl >/dev/null 2>&1; then       # carried wheels of what the machine lacks, never its torch
-    $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 2
+    $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl ||
+        { say "installing the carried wheels failed"; exit 2; }
     export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
 fi
 export PYTHONPATH=$PWD:${PYTHONPATH:-}
-say() { echo "[gpu-session $(date -u +%T)] $*" | tee -a "$OUT/session.txt"; }
 stage() {   # stage NAME COMMAND...: run it, log its exit status and seconds
     local t0=$SECONDS; say "start $1"; shift; "$@"; local rc=$?
     say "done (exit $rc, $((SECONDS - t0)) s)"; return $rc
@@ -47,7 +52,7 @@ GPU=$($PY -c "import torch; n = torch.cuda.get_device_name(0) if torch.cuda.is_a
 import re; m = re.search(r'[AHBL]\d{2,3}', n); print(m.group(0).lower() if m else n.split()[0].lower())")
 say "device: $($PY -c "import torch; print(torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'no CUDA', '| torch', torch.__version__)")"
 say "revision: $(git rev-parse --short HEAD 2>/dev/null || echo unknown) | profile $PROFILE | stages: ${*:-bench tests train evaluate}"
-stage "data (offline PolyMNIST)" $PY -m mmebm data build || exit 2
+# the data: built on first use by the stage that needs it (the paper profile: the offline PolyMNIST, ~1 minute)
 
 bench() {
     $PY -m mmebm bench --profile "$PROFILE" --out "$OUT/$PROFILE-$GPU.csv" &&
@@ -59,7 +64,7 @@ train() {    # continues the run left by an earlier command on the same (still w
     if [ -f "$run/checkpoint.pt" ]; then
         $PY -m mmebm train --resume "$run" --max-minutes "${TRAIN_MINUTES:-4}" $iters --quiet
     else
-        $PY -m mmebm train --profile "$PROFILE" --set $FAST_SET --max-minutes "${TRAIN_MINUTES:-4}" $iters --quiet --run-dir "$run"
+        $PY -m mmebm train --profile "$PROFILE" --set $TRAIN_SET --max-minutes "${TRAIN_MINUTES:-4}" $iters --quiet --run-dir "$run"
     fi
     local rc=$?; pack "$run"; return $rc
 }
@@ -74,10 +79,5 @@ pack() {      # the run's small files (the checkpoint, ~73 MiB at paper widths, 
     cat "$1/status.json" | tee -a "$OUT/session.txt"
 }
 failed=0
-for s in ${*:-bench tests train evaluate}; do
-    case $s in
-        bench|tests|train|evaluate) stage "$s" $s || failed=1 ;;
-        *) say "unknown stage $s (bench, tests, train, evaluate)"; exit 2 ;;
-    esac
-done
+for s in ${*:-bench tests train evaluate}; do stage "$s" $s || failed=1; done
 exit $failed

@@ -5,8 +5,8 @@ iteration of the paper profile through the CLI. Marked `gpu`: skipped where ther
 Tolerances: the plain path is the float32 reference with TF32 off (cuDNN and matmuls would otherwise round to 10
 bits of mantissa on both sides, differently per algorithm); channels-last and inductor are the same arithmetic
 reordered, so fp32 tolerance, looser than on CPU by the GPU's reduction orders; bf16 as in 04b_scale: the generator's
-and inference model's losses and updates within a few percent, the EBM's update within the spread that another seed
-of the chains gives (float32)."""
+and inference model's losses and updates within a few percent; the EBM's update is an open defect on CPU (bf16 moves
+it beyond minibatch noise), expected to fail here too (strict xfail)."""
 import json
 import os
 import subprocess
@@ -49,17 +49,26 @@ def test_the_plain_path_repeats_on_cuda():
     assert max(err.values()) < 1e-3, err
 
 
-def test_bf16_autocast_on_cuda_within_the_noise_of_the_chains():
+def test_bf16_autocast_on_cuda_keeps_the_generator_and_inference_updates():
     plain = scale.switch_step(device="cuda")
     err = scale.switch_errors(scale.switch_step(device="cuda", amp=True), plain)
-    spread = scale.switch_errors(scale.switch_step(device="cuda", seed=1), plain)["update_ebm"]
-    report("bf16", err | {"another seed, EBM update": spread})
+    report("bf16", err)
     assert err["loss_G"] < 5e-2 and err["loss_I"] < 5e-2
-    assert err["update_generator"] < 5e-2 and err["update_inference"] < 5e-2 and err["update_ebm"] < spread, err
+    assert err["update_generator"] < 5e-2 and err["update_inference"] < 5e-2, err
+
+
+@pytest.mark.xfail(strict=True, reason="open defect (nbs/04b_scale): on CPU bf16 moves the EBM update by ~1.1 relative, "
+                                       "another minibatch by ~0.25; an unexpected pass on CUDA fails here, to be looked at")
+def test_bf16_autocast_on_cuda_keeps_the_ebm_update_within_minibatch_noise():
+    plain = scale.switch_step(device="cuda")
+    err = scale.switch_errors(scale.switch_step(device="cuda", amp=True), plain)["update_ebm"]
+    batches = scale.switch_errors(scale.switch_step(device="cuda", batch_seed=1), plain)["update_ebm"]
+    report("bf16 EBM", {"bf16": err, "another batch": batches})
+    assert err < batches
 
 
 def test_paper_profile_trains_two_iterations_through_the_cli_with_the_fast_path(tmp_path):
-    "`mmebm train --profile paper` with every switch on: a run directory whose status names the GPU and the switches."
+    "`mmebm train --profile paper` with every switch on: it runs, and its status names the GPU."
     env = os.environ | {"MMEBM_RUNS_DIR": str(tmp_path / "runs")}
     r = subprocess.run([sys.executable, "-m", "mmebm", "train", "--profile", "paper", "--iterations", "2", "--quiet",
                         "--set", "amp=true", "channels_last=true", "compile=inductor"],

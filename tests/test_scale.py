@@ -130,7 +130,8 @@ def test_the_gpu_session_script_dry_runs_on_cpu_and_continues_its_training(tmp_p
     """reproduce/gpu_session.sh (issue 8's prepared GPU command) with PROFILE=tiny on this CPU: the benchmark plain and
     with a switch, a training chunk, then a second command that continues that run and scores it."""
     root = Path(__file__).resolve().parents[1]
-    env = os.environ | {"OUT": str(tmp_path / "out"), "PROFILE": "tiny", "FAST_SET": "channels_last=true", "TRAIN_ITERATIONS": "3",
+    env = os.environ | {"OUT": str(tmp_path / "out"), "PROFILE": "tiny", "FAST_SET": "channels_last=true",
+                        "TRAIN_SET": "channels_last=true", "TRAIN_ITERATIONS": "3",
                         "TRAIN_MINUTES": "5", "MMEBM_RUNS_DIR": str(tmp_path / "runs"), "PYTHON": sys.executable}
     run = lambda e, *stages: subprocess.run(["bash", str(root / "reproduce" / "gpu_session.sh"), *stages], env=e,
                                             capture_output=True, text=True, timeout=900)
