@@ -16,8 +16,8 @@ from .cub import CUBCaptions, COLOURS, EOS, PAD
 from .data import read_manifest, to_signed
 from .nets import token_logits
 from .metrics import (MetricUnavailable, save_classifiers, load_classifiers, check_floor, predict, extract,
-                           frechet_distance, inception_extractor, fingerprint, cached_features, kinds_of, model_device, cost_metrics,
-                           provenance, write_metrics)
+                           frechet_distance, inception_scores, fingerprint, cached_features, kinds_of, model_device, cost_metrics,
+                           provenance, write_metrics, timed_into)
 
 # %% auto #0
 __all__ = ['CUB_CLASSIFIER_VERSION', 'CUB_ACCURACY_FLOOR', 'CLASSIFIER_NAMES', 'CUBImageClassifier', 'CaptionClassifier',
@@ -185,8 +185,7 @@ def evaluate_cub(run_dir, t, n_coherence: int = 500, n_fid: int = 1000, n_incept
                               "recipe": clf["recipe"]}
     except MetricUnavailable as e:
         clf, res["classifiers"] = None, {"unavailable": str(e)}
-    def timed(name, fn):
-        t0 = time.time(); res[name] = fn(); res["seconds"][name] = round(time.time() - t0, 1)
+    timed = lambda name, fn: timed_into(res, name, fn)
     torch.manual_seed(t.cfg.seed)
     n_gen, t0 = min(len(test.images), max(n_coherence, n_fid, n_inception)), time.time()
     gens = {k: cub_generations(model, test, n_gen, k != "generator") for k in kinds}
@@ -211,11 +210,7 @@ def evaluate_cub(run_dir, t, n_coherence: int = 500, n_fid: int = 1000, n_incept
         return ({"features": "image classifier penultimate layer (128-d): not Inception FID"}
                 | image_fid(gens, test, clf["models"][0], "cubclf", n_fid, progress))
     timed("fid_classifier", fid_classifier)
-    def inception():
-        if not n_inception: return {"unavailable": "not requested (n_inception=0)"}
-        try: ext, route = inception_extractor(inception_weights, inception_route)
-        except MetricUnavailable as e: return {"unavailable": str(e)}
-        return {"route": route, "weights": "2015-12-05 Inception-v3 (pool3, 2048-d)"} | image_fid(gens, test, ext, f"inception-{route}", n_inception, progress)
-    timed("fid_inception", inception)
+    timed("fid_inception", lambda: inception_scores(n_inception, inception_weights, inception_route,
+                                                    lambda ext, key: image_fid(gens, test, ext, key, n_inception, progress)))
     timed("cost", lambda: cost_metrics(model, run_dir))
     return write_metrics(run_dir, res)

@@ -23,7 +23,8 @@ __all__ = ['ACCURACY_FLOOR', 'CLASSIFIER_VERSION', 'PUBLISHED_CLASSIFIER_FILE', 
            'unconditional_coherence', 'ReferenceModel', 'fid_helper_file', 'inception_extractor', 'to_uint8', 'extract',
            'frechet_distance', 'fingerprint', 'real_features', 'cached_features', 'sample_many', 'parameter_counts',
            'generation_latency', 'revision_of', 'kinds_of', 'classifier_set', 'coherence_metrics',
-           'conditional_samples', 'fid_metrics', 'cost_metrics', 'provenance', 'write_metrics', 'evaluate']
+           'conditional_samples', 'fid_metrics', 'cost_metrics', 'provenance', 'timed_into', 'inception_scores',
+           'write_metrics', 'evaluate']
 
 # %% ../nbs/06_metrics.ipynb #28dc7c58
 class MetricUnavailable(RuntimeError):
@@ -474,6 +475,18 @@ def provenance(run_dir, t) -> dict:
             "device": device_name(model_device(t.model)), "revision": git_revision(), "mmebm": mmebm.__version__,
             "torch": torch.__version__, "evaluated_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
 
+def timed_into(res: dict, name: str, fn):
+    "res[name] = fn(), and its wall seconds into res['seconds'][name]: each section of an evaluation."
+    t0 = time.time(); res[name] = fn(); res["seconds"][name] = round(time.time() - t0, 1)
+
+def inception_scores(n: int, weights: str | None, route: str, score) -> dict:
+    """Inception FID as `score(extractor, key)` computes it (PolyMNIST's or CUB's FID), with the route and weights
+    named; a refusal with its reason when not requested (`n` = 0) or when no route is available."""
+    if not n: return {"unavailable": "not requested (n_inception=0)"}
+    try: ext, route = inception_extractor(weights, route)
+    except MetricUnavailable as e: return {"unavailable": str(e)}
+    return {"route": route, "weights": "2015-12-05 Inception-v3 (pool3, 2048-d)"} | score(ext, f"inception-{route}")
+
 def write_metrics(run_dir, res: dict) -> dict:
     "metrics.json (nested) and metrics.csv (one flattened metric per row) into the run directory; returns `res`."
     import pandas as pd
@@ -509,17 +522,11 @@ def evaluate(run_dir, n_coherence: int = 500, n_fid: int = 1000, n_inception: in
            "settings": {"n_coherence": n_coherence, "n_fid": n_fid, "n_inception": n_inception, "inception_route": inception_route,
                         "inception_conditional": inception_conditional, "classifiers": classifiers, "subsets": subsets,
                         "kinds": list(kinds)}, "seconds": {}}
-    def timed(name, fn):
-        t0 = time.time(); res[name] = fn(); res["seconds"][name] = round(time.time() - t0, 1)
+    timed = lambda name, fn: timed_into(res, name, fn)
     timed("coherence", lambda: coherence_metrics(model, test, clf, n_coherence, kinds, subsets, run_dir, progress))
     timed("fid_classifier", lambda: {"features": "coherence classifier penultimate layer (128-d): not Inception FID"}
           | fid_metrics(model, test, clf["models"], "clf" if not classifiers else "clf-published", n_fid, kinds, progress=progress))
-    def inception():
-        if not n_inception: return {"unavailable": "not requested (n_inception=0)"}
-        try: ext, route = inception_extractor(inception_weights, inception_route)
-        except MetricUnavailable as e: return {"unavailable": str(e)}
-        return {"route": route, "weights": "2015-12-05 Inception-v3 (pool3, 2048-d)"} | fid_metrics(
-            model, test, ext, f"inception-{route}", n_inception, kinds, inception_conditional, progress)
-    timed("fid_inception", inception)
+    timed("fid_inception", lambda: inception_scores(n_inception, inception_weights, inception_route, lambda ext, key: fid_metrics(
+        model, test, ext, key, n_inception, kinds, inception_conditional, progress)))
     timed("cost", lambda: cost_metrics(model, run_dir))
     return write_metrics(run_dir, res)
