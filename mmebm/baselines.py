@@ -56,7 +56,9 @@ class BaselineConfig:
     channels: int = 3
     # networks: ours (01_nets), as wide as our model's in the same profile
     latent_dim: int = 64                    # the shared latent
-    style_dim: int = 32                     # modality-private latents (MMVAE+, CMVAE only)
+    style_dim: int = 32                     # modality-private latents: MMVAE+, CMVAE, and ours with private_latents
+    private_latents: bool = False           # HELVAE, MWB-VAE, CoDE-VAE: a private latent per modality beside the shared one
+    beta_style: float = 1.0                 #   and the weight of its KL term (relative to beta)
     enc_width: int = 32
     enc_hidden: int = 256
     dec_width: int = 32
@@ -87,7 +89,8 @@ class BaselineConfig:
 
 BASELINE_BUDGET_KEYS = ("iterations", "epochs", "max_minutes", "checkpoint_every", "name")
 
-BASELINE_LATER_FIELDS = {"dataset": "polymnist", "modalities": None}   # added later: at these values, not hashed (runs keep their ids)
+BASELINE_LATER_FIELDS = {"dataset": "polymnist", "modalities": None,   # added later: at these values, not hashed (runs keep their ids)
+                         "private_latents": False, "beta_style": 1.0}
 
 def baseline_config_hash(cfg: BaselineConfig) -> str:
     "Eight hex digits identifying what a baseline config computes per iteration (budgets excluded)."
@@ -115,10 +118,14 @@ BASELINE_PROFILES = {
     "cub-tiny": dict(dataset="cub", n_modalities=2, image_size=64, latent_dim=8, enc_width=4, enc_hidden=16, dec_width=4,
                      batch_size=16, iterations=6, checkpoint_every=3),
 }
+_HELVAE = dict(private_latents=True, beta_style=2.0)
 MODEL_SETTINGS = {   # per model and profile: what its own paper or code uses (see each model's section)
     # MMVAE+ (Palumbo et al., ICLR 2023): K=10 DReG samples; on CUB 16 private dimensions (the authors' CUB script)
     "mmvae_plus": {"paper": dict(K=10), "cub-paper": dict(K=10, style_dim=16), "cub-smoke": dict(style_dim=16),
                    "cub-tiny": dict(style_dim=4)},
+    # HELVAE: private latents with beta_style 2, the authors' only published run script (CelebA); see its section
+    "helvae": {"paper": _HELVAE, "smoke": _HELVAE, "tiny": _HELVAE, "cub-paper": _HELVAE,
+               "cub-smoke": _HELVAE | dict(style_dim=16), "cub-tiny": _HELVAE | dict(style_dim=4)},
     "code": {"paper": dict(beta=2.5, rho=0.5), "smoke": dict(beta=2.5, rho=0.5), "tiny": dict(beta=2.5),
              "cub-paper": dict(beta=2.5, rho=0.5), "cub-smoke": dict(beta=2.5, rho=0.5), "cub-tiny": dict(beta=2.5)},
     # Diff-CMVAE on CUB: the authors' CUBICC script has 32 private dimensions and 35 clusters (pruned after training
@@ -197,24 +204,33 @@ def nonempty_subsets(n: int) -> list[tuple[int, ...]]:
 
 class MultimodalVAE(nn.Module):
     """Base of the baselines written here: Gaussian experts, standard normal prior, Laplace decoders for images and
-    categorical ones for captions (per-position logits, as our model's; `cfg.modalities`, see 03_model)."""
+    categorical ones for captions (per-position logits, as our model's; `cfg.modalities`, see 03_model). With
+    `cfg.private_latents`, each modality also has a private latent of `cfg.style_dim` dimensions: its encoder gives
+    both, its decoder reads both, and a modality that is not observed gets its private latent from the prior."""
     revised_by = None      # no second stage: `revised=True` is the same as False
 
     def __init__(self, cfg: BaselineConfig):
         super().__init__()
         self.cfg, self.n_modalities, self.latent_dim = cfg, cfg.n_modalities, cfg.latent_dim
         self.specs = modality_specs(cfg.n_modalities, cfg.image_size, cfg.channels, cfg.modalities)
-        d = cfg.latent_dim
+        self.private_dim = cfg.style_dim if cfg.private_latents else 0
+        d = cfg.latent_dim + self.private_dim             # each expert's (and decoder's) width: shared, then private
         self.encoders = nn.ModuleList(ImageEncoder(d, s["size"], s["channels"], cfg.enc_width, cfg.enc_hidden) if s["kind"] == "image"
                                       else TextEncoder(d, s["vocab"], s["length"], width=cfg.enc_width, hidden=cfg.enc_hidden)
                                       for s in self.specs)
         self.decoders = nn.ModuleList(ImageDecoder(d, s["size"], s["channels"], cfg.dec_width) if s["kind"] == "image"
                                       else TextDecoder(d, s["vocab"], s["length"], width=cfg.dec_width) for s in self.specs)
 
+    def unimodal(self, observed: dict[int, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, dict]:
+        """(mus, logvars) of the observed modalities' experts on the shared latent, stacked (|S|, B, d) in modality
+        order, and each observed modality's private posterior {m: (mu, logvar)} ({} without private latents)."""
+        out, d = {m: self.encoders[m](x) for m, x in sorted(observed.items())}, self.latent_dim
+        private = {m: (mu[:, d:], lv[:, d:]) for m, (mu, lv) in out.items()} if self.private_dim else {}
+        return torch.stack([mu[:, :d] for mu, _ in out.values()]), torch.stack([lv[:, :d] for _, lv in out.values()]), private
+
     def experts(self, observed: dict[int, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        "(mus, logvars) of the observed modalities' experts, stacked (|S|, B, d) in modality order."
-        out = [self.encoders[m](x) for m, x in sorted(observed.items())]
-        return torch.stack([o[0] for o in out]), torch.stack([o[1] for o in out])
+        "(mus, logvars) of the observed modalities' shared experts, stacked (|S|, B, d) in modality order."
+        return self.unimodal(observed)[:2]
 
     def aggregate(self, mus, logvars) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError
@@ -223,23 +239,37 @@ class MultimodalVAE(nn.Module):
         "q(z | x_S) as (mu, logvar)."
         return self.aggregate(*self.experts(observed))
 
-    def reconstruction(self, xs, z) -> torch.Tensor:
-        "sum over modalities of -log p(x_m | z), per example (B,): Laplace for images, categorical for captions."
+    def reconstruction(self, xs, z, private: dict | None = None) -> torch.Tensor:
+        """sum over modalities of -log p(x_m | z, w_m), per example (B,): Laplace for images, categorical for captions;
+        w_m (private latents only) a sample of modality m's own private posterior."""
         nll = lambda s, x, g: laplace_nll(x, g, self.cfg.likelihood_scale) if s["kind"] == "image" else categorical_nll(x, g)
-        return sum(nll(s, x, g) for s, x, g in zip(self.specs, xs, self.decode(z)))
+        styles = {m: reparameterise(*p) for m, p in (private or {}).items()}
+        return sum(nll(s, x, g) for s, x, g in zip(self.specs, xs, self.decode(z, styles)))
+
+    def private_kl(self, private: dict) -> torch.Tensor | float:
+        "sum over modalities of KL(q(w_m | x_m) || N(0, I)), per example (B,); 0 without private latents."
+        return sum(kl_to_standard_normal(mu, lv) for mu, lv in private.values()) if private else 0.0
 
     # the common interface
     def encode(self, observed: dict[int, torch.Tensor]) -> torch.Tensor:
+        "A sample of the shared latent given the observed modalities."
         return reparameterise(*self.posterior(observed))
 
-    def decode(self, z: torch.Tensor) -> list[torch.Tensor]:
-        return [d(z) for d in self.decoders]
+    def decode(self, z: torch.Tensor, styles: dict | None = None) -> list[torch.Tensor]:
+        "Every modality from the shared z; a private latent not in `styles` comes from the prior."
+        if not self.private_dim: return [d(z) for d in self.decoders]
+        styles = styles or {}
+        w = [styles[m] if m in styles else torch.randn(len(z), self.private_dim, device=z.device) for m in range(self.n_modalities)]
+        return [d(torch.cat([z, w_m], 1)) for d, w_m in zip(self.decoders, w)]
 
     def sample(self, n: int, revised: bool = False) -> list[torch.Tensor]:
         return self.decode(torch.randn(n, self.latent_dim, device=next(self.parameters()).device))
 
     def generate(self, observed: dict[int, torch.Tensor], revised: bool = False) -> list[torch.Tensor]:
-        return self.decode(self.encode(observed))
+        "The unobserved modalities from the observed ones (which keep their own private latents)."
+        if not self.private_dim: return self.decode(self.encode(observed))
+        mus, lvs, private = self.unimodal(observed)
+        return self.decode(reparameterise(*self.aggregate(mus, lvs)), {m: reparameterise(*p) for m, p in private.items()})
 
     def sampling_parameters(self) -> dict:
         "Parameters that unconditional generation runs (the cost table's count)."
@@ -247,13 +277,20 @@ class MultimodalVAE(nn.Module):
 
 # %% ../nbs/07_baselines.ipynb #4bcf60f2
 class HELVAE(MultimodalVAE):
-    "Hellinger-pooled experts; ELBO of the joint pool."
+    "Hellinger-pooled experts; ELBO of the joint pool (and, with private latents, of each modality's private latent)."
     def aggregate(self, mus, logvars): return hellinger_pool(mus, logvars)
 
     def loss(self, xs) -> tuple[torch.Tensor, dict]:
-        mu, lv = self.posterior(dict(enumerate(xs)))
-        rec, kl = self.reconstruction(xs, reparameterise(mu, lv)), kl_to_standard_normal(mu, lv)
-        return (rec + self.cfg.beta * kl).mean(), {"rec": rec.mean().item(), "kl": kl.mean().item()}
+        mus, lvs, private = self.unimodal(dict(enumerate(xs)))
+        mu, lv = self.aggregate(mus, lvs)
+        rec, kl = self.reconstruction(xs, reparameterise(mu, lv), private), kl_to_standard_normal(mu, lv)
+        kl_private = self.private_kl(private)
+        loss = rec + self.cfg.beta * (kl + self.cfg.beta_style * kl_private)
+        return loss.mean(), {"rec": rec.mean().item(), "kl": kl.mean().item()} | _private_stat(kl_private)
+
+def _private_stat(kl_private) -> dict:
+    "The private latents' mean KL for the log, when there are private latents."
+    return {"kl_private": kl_private.mean().item()} if torch.is_tensor(kl_private) else {}
 
 # %% ../nbs/07_baselines.ipynb #8711ff16
 class MWBVAE(MultimodalVAE):
@@ -261,16 +298,18 @@ class MWBVAE(MultimodalVAE):
     def aggregate(self, mus, logvars): return wasserstein_barycenter(mus, logvars)
 
     def loss(self, xs) -> tuple[torch.Tensor, dict]:
-        mus, lvs = self.experts(dict(enumerate(xs)))
+        mus, lvs, private = self.unimodal(dict(enumerate(xs)))
         subsets = nonempty_subsets(self.n_modalities)
         bary = [wasserstein_barycenter(mus[list(S)], lvs[list(S)]) for S in subsets]
         mu_all, lv_all = torch.stack([b[0] for b in bary]), torch.stack([b[1] for b in bary])   # (n_S, B, d)
         pick = torch.randint(len(subsets), (mus.shape[1],), device=mus.device)
         rows = torch.arange(mus.shape[1], device=mus.device)
         z = reparameterise(mu_all[pick, rows], lv_all[pick, rows])
-        rec = self.reconstruction(xs, z)
+        rec = self.reconstruction(xs, z, private)
         kl = torch.stack([kl_to_standard_normal(m, l) for m, l in bary]).mean(0)
-        return (rec + self.cfg.beta * kl).mean(), {"rec": rec.mean().item(), "kl": kl.mean().item()}
+        kl_private = self.private_kl(private)
+        loss = rec + self.cfg.beta * (kl + self.cfg.beta_style * kl_private)
+        return loss.mean(), {"rec": rec.mean().item(), "kl": kl.mean().item()} | _private_stat(kl_private)
 
 # %% ../nbs/07_baselines.ipynb #3ae1b752
 class CoDEVAE(MultimodalVAE):
@@ -282,7 +321,7 @@ class CoDEVAE(MultimodalVAE):
     def aggregate(self, mus, logvars): return consensus_of_experts(mus, logvars, self.cfg.rho)
 
     def loss(self, xs) -> tuple[torch.Tensor, dict]:
-        mus, lvs = self.experts(dict(enumerate(xs)))
+        mus, lvs, private = self.unimodal(dict(enumerate(xs)))
         subsets = nonempty_subsets(self.n_modalities)
         B = mus.shape[1]
         pick = torch.randint(len(subsets), (B,), device=mus.device)
@@ -291,11 +330,12 @@ class CoDEVAE(MultimodalVAE):
             rows = pick == s
             m, l = consensus_of_experts(mus[list(subsets[s])][:, rows], lvs[list(subsets[s])][:, rows], self.cfg.rho)
             mu, lv = mu.index_put((rows,), m), lv.index_put((rows,), l)
-        elbo_neg = self.reconstruction(xs, reparameterise(mu, lv)) + self.cfg.beta * kl_to_standard_normal(mu, lv)
+        rec, kl_private = self.reconstruction(xs, reparameterise(mu, lv), private), self.private_kl(private)
+        elbo_neg = rec + self.cfg.beta * (kl_to_standard_normal(mu, lv) + self.cfg.beta_style * kl_private)
         pi = torch.softmax(self.subset_logits, 0)
         entropy = -(pi * torch.log(pi)).sum()
         loss = (len(subsets) * pi[pick] * elbo_neg).mean() - 1000 * entropy
-        return loss, {"rec_plus_kl": elbo_neg.mean().item(), "pi_max": pi.max().item()}
+        return loss, {"rec_plus_kl": elbo_neg.mean().item(), "pi_max": pi.max().item()} | _private_stat(kl_private)
 
 # %% ../nbs/07_baselines.ipynb #e47cf4a1
 _LIB = {}
