@@ -255,6 +255,13 @@ class MultimodalVAE(nn.Module):
         weight = lambda m: self.cfg.text_style_weight if self.specs[m]["kind"] == "text" else 1.0
         return sum(weight(m) * kl_to_standard_normal(mu, lv) for m, (mu, lv) in private.items()) if private else 0.0
 
+    def negative_elbo(self, rec: torch.Tensor, kl: torch.Tensor, private: dict) -> tuple[torch.Tensor, dict]:
+        """rec + beta (kl + beta_style KL of the private latents), per example (B,), and the means for the log. The
+        caller computes `rec` before `kl`: that order of the graph is the one the committed runs were trained with."""
+        kl_private = self.private_kl(private)
+        stats = {"rec": rec.mean().item(), "kl": kl.mean().item()} | ({"kl_private": kl_private.mean().item()} if private else {})
+        return rec + self.cfg.beta * (kl + self.cfg.beta_style * kl_private), stats
+
     # the common interface
     def encode(self, observed: dict[int, torch.Tensor]) -> torch.Tensor:
         "A sample of the shared latent given the observed modalities."
@@ -288,14 +295,9 @@ class HELVAE(MultimodalVAE):
     def loss(self, xs) -> tuple[torch.Tensor, dict]:
         mus, lvs, private = self.unimodal(dict(enumerate(xs)))
         mu, lv = self.aggregate(mus, lvs)
-        rec, kl = self.reconstruction(xs, reparameterise(mu, lv), private), kl_to_standard_normal(mu, lv)
-        kl_private = self.private_kl(private)
-        loss = rec + self.cfg.beta * (kl + self.cfg.beta_style * kl_private)
-        return loss.mean(), {"rec": rec.mean().item(), "kl": kl.mean().item()} | _private_stat(kl_private)
-
-def _private_stat(kl_private) -> dict:
-    "The private latents' mean KL for the log, when there are private latents."
-    return {"kl_private": kl_private.mean().item()} if torch.is_tensor(kl_private) else {}
+        rec = self.reconstruction(xs, reparameterise(mu, lv), private)
+        loss, stats = self.negative_elbo(rec, kl_to_standard_normal(mu, lv), private)
+        return loss.mean(), stats
 
 # %% ../nbs/07_baselines.ipynb #8711ff16
 class MWBVAE(MultimodalVAE):
@@ -311,10 +313,8 @@ class MWBVAE(MultimodalVAE):
         rows = torch.arange(mus.shape[1], device=mus.device)
         z = reparameterise(mu_all[pick, rows], lv_all[pick, rows])
         rec = self.reconstruction(xs, z, private)
-        kl = torch.stack([kl_to_standard_normal(m, l) for m, l in bary]).mean(0)
-        kl_private = self.private_kl(private)
-        loss = rec + self.cfg.beta * (kl + self.cfg.beta_style * kl_private)
-        return loss.mean(), {"rec": rec.mean().item(), "kl": kl.mean().item()} | _private_stat(kl_private)
+        loss, stats = self.negative_elbo(rec, torch.stack([kl_to_standard_normal(m, l) for m, l in bary]).mean(0), private)
+        return loss.mean(), stats
 
 # %% ../nbs/07_baselines.ipynb #3ae1b752
 class CoDEVAE(MultimodalVAE):
@@ -335,12 +335,12 @@ class CoDEVAE(MultimodalVAE):
             rows = pick == s
             m, l = consensus_of_experts(mus[list(subsets[s])][:, rows], lvs[list(subsets[s])][:, rows], self.cfg.rho)
             mu, lv = mu.index_put((rows,), m), lv.index_put((rows,), l)
-        rec, kl_private = self.reconstruction(xs, reparameterise(mu, lv), private), self.private_kl(private)
-        elbo_neg = rec + self.cfg.beta * (kl_to_standard_normal(mu, lv) + self.cfg.beta_style * kl_private)
+        rec = self.reconstruction(xs, reparameterise(mu, lv), private)
+        elbo_neg, stats = self.negative_elbo(rec, kl_to_standard_normal(mu, lv), private)
         pi = torch.softmax(self.subset_logits, 0)
         entropy = -(pi * torch.log(pi)).sum()
         loss = (len(subsets) * pi[pick] * elbo_neg).mean() - 1000 * entropy
-        return loss, {"rec_plus_kl": elbo_neg.mean().item(), "pi_max": pi.max().item()} | _private_stat(kl_private)
+        return loss, stats | {"pi_max": pi.max().item()}
 
 # %% ../nbs/07_baselines.ipynb #e47cf4a1
 _LIB = {}

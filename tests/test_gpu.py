@@ -6,7 +6,8 @@ Tolerances: the plain path is the float32 reference with TF32 off (cuDNN and mat
 bits of mantissa on both sides, differently per algorithm); channels-last and inductor are the same arithmetic
 reordered, so fp32 tolerance, looser than on CPU by the GPU's reduction orders; bf16 as in 04b_scale: the generator's
 and inference model's losses and updates within a few percent; the EBM's update is an open defect on CPU (bf16 moves
-it beyond minibatch noise), expected to fail here too (strict xfail)."""
+it beyond minibatch noise; its source, the generator's bf16 forward, is shown there), expected to fail here too
+(strict xfail)."""
 import json
 import os
 import subprocess
