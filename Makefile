@@ -1,12 +1,12 @@
 # mmebm: the README's commands. Every target installs what it needs first (`setup`).
-#   make reproduce [PROFILE=smoke]   regenerate results/ (CPU smoke profile by default)
+#   make reproduce [PROFILE=cpu]     regenerate results/ (the CPU learning profile by default)
 #   make test                        the whole check suite, as CI runs it (.ci/run)
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 PIP := $(BIN)/python -m pip
-PROFILE ?= smoke
+PROFILE ?= cpu
 # Data sets are built into ./data (git-ignored) unless MMEBM_DATA_DIR says otherwise.
 export MMEBM_DATA_DIR ?= $(CURDIR)/data
 

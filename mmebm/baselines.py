@@ -109,11 +109,16 @@ BASELINE_PROFILES = {
                   epochs=100, checkpoint_every=2000),
     "smoke": dict(latent_dim=16, style_dim=16, enc_width=16, enc_hidden=128, dec_width=16, batch_size=64, lr=1e-3,
                   iterations=400, checkpoint_every=100, refiner_width=16, refiner_steps=10),
+    # beside our `cpu` profile: its widths, latent size and batch (MMVAE+ and HELVAE add 16 private dimensions)
+    "cpu": dict(latent_dim=32, style_dim=16, enc_width=16, enc_hidden=128, dec_width=16, batch_size=64, lr=1e-3,
+                iterations=2000, checkpoint_every=200, refiner_width=16, refiner_steps=10),
     "tiny": dict(data_limit=256, latent_dim=8, style_dim=4, enc_width=4, enc_hidden=16, dec_width=4, batch_size=16,
                  iterations=6, checkpoint_every=3, refiner_width=8, refiner_T=50, refiner_steps=3, n_clusters=3),
     # CUB image + caption, as wide as our cub-smoke / cub-paper / cub-tiny runs
     "cub-smoke": dict(dataset="cub", n_modalities=2, image_size=64, latent_dim=32, enc_width=16, enc_hidden=128, dec_width=16,
                       batch_size=32, lr=1e-3, iterations=400, checkpoint_every=100),
+    "cub-cpu": dict(dataset="cub", n_modalities=2, image_size=64, latent_dim=32, enc_width=16, enc_hidden=128, dec_width=16,
+                    batch_size=32, lr=1e-3, iterations=1000, checkpoint_every=200),
     "cub-paper": dict(dataset="cub", n_modalities=2, image_size=64, latent_dim=128, enc_width=32, enc_hidden=256,
                       dec_width=32, batch_size=128, lr=1e-3, epochs=100, checkpoint_every=2000),
     "cub-tiny": dict(dataset="cub", n_modalities=2, image_size=64, latent_dim=8, enc_width=4, enc_hidden=16, dec_width=4,
@@ -122,10 +127,10 @@ BASELINE_PROFILES = {
 _HELVAE = dict(private_latents=True, beta_style=2.0)     # and on CUB a caption's private KL weighted by 5, as the script's text
 MODEL_SETTINGS = {   # per model and profile: what its own paper or code uses (see each model's section)
     # MMVAE+ (Palumbo et al., ICLR 2023): K=10 DReG samples; on CUB 16 private dimensions (the authors' CUB script)
-    "mmvae_plus": {"paper": dict(K=10), "cub-paper": dict(K=10, style_dim=16), "cub-smoke": dict(style_dim=16),
+    "mmvae_plus": {"paper": dict(K=10), "cub-paper": dict(K=10, style_dim=16), "cub-smoke": dict(style_dim=16), "cub-cpu": dict(style_dim=16),
                    "cub-tiny": dict(style_dim=4)},
     # HELVAE: private latents with beta_style 2, the authors' only published run script (CelebA); see its section
-    "helvae": {"paper": _HELVAE, "smoke": _HELVAE, "tiny": _HELVAE,
+    "helvae": {"paper": _HELVAE, "smoke": _HELVAE, "cpu": _HELVAE, "tiny": _HELVAE,
                "cub-paper": _HELVAE | dict(text_style_weight=5.0),
                "cub-smoke": _HELVAE | dict(style_dim=16, text_style_weight=5.0),
                "cub-tiny": _HELVAE | dict(style_dim=4, text_style_weight=5.0)},

@@ -84,10 +84,14 @@ def _train(a):
     try:
         if a.resume:
             budget = _parse_set(a.set) | {k: getattr(a, k) for k in ("iterations", "max_minutes") if getattr(a, k) is not None}
+            from mmebm.experiments import training_probe
             t = train.Trainer.resume(a.resume, **budget)
+            t.probe = training_probe(t.cfg)
             status = t.fit(progress=not a.quiet)
         else:
-            t, status = train.train(_config(a), a.run_dir, progress=not a.quiet)
+            from mmebm.experiments import training_probe
+            cfg = _config(a)
+            t, status = train.train(cfg, a.run_dir, progress=not a.quiet, probe=training_probe(cfg))
     finally:
         scale.close_distributed()
     if r.main:
@@ -204,7 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--quiet", action="store_true")
     ev.set_defaults(func=_eval)
     rp = sub.add_parser("reproduce", help="regenerate results/<profile>/: runs, scores, tables, figures")
-    rp.add_argument("--profile", default="smoke", help="a plan in reproduce/profiles/ (smoke, paper, tiny)")
+    rp.add_argument("--profile", default="cpu", help="a plan in reproduce/profiles/ (cpu: the default, on which our model learns; smoke, paper, tiny)")
     rp.add_argument("--plan", default=None, help="a plan YAML file of your own (overrides --profile)")
     rp.add_argument("--results-dir", default=None, help="default: results/<plan name>/ in the repository")
     rp.add_argument("--no-notebooks", action="store_true", help="train, score and collect only")

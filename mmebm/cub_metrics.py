@@ -22,7 +22,7 @@ from .metrics import (MetricUnavailable, save_classifiers, load_classifiers, che
 # %% auto #0
 __all__ = ['CUB_CLASSIFIER_VERSION', 'CUB_ACCURACY_FLOOR', 'CLASSIFIER_NAMES', 'CUBImageClassifier', 'CaptionClassifier',
            'caption_ids', 'train_cub_classifiers', 'get_cub_classifiers', 'cub_generations', 'cub_coherence',
-           'colour_agreement', 'real_image_features', 'image_fid', 'evaluate_cub']
+           'colour_agreement', 'cub_coherence_probe', 'real_image_features', 'image_fid', 'evaluate_cub']
 
 # %% ../nbs/06b_cub_metrics.ipynb #0687a9e2
 CUB_CLASSIFIER_VERSION = 1
@@ -148,6 +148,17 @@ def colour_agreement(captions: torch.Tensor, test: CUBCaptions, n: int) -> dict:
         named += len(words); hits += sum(w in has for w in words); chance.append(len(has) / len(colours))
     return {"n": int(min(n, len(captions))), "colour_words": named, "precision": hits / named if named else None,
             "chance": float(np.mean(chance))}
+
+# %% ../nbs/06b_cub_metrics.ipynb #91f60668
+def cub_coherence_probe(test: CUBCaptions, clf: dict, n: int = 500):
+    """The trainer's coherence probe on CUB (`Trainer(probe=...)`, like `metrics.coherence_probe`): `probe_coh` is the
+    mean of image -> caption and caption -> image coherence of the generator on the first n test pairs, `probe_uncond`
+    the joint agreement of n prior samples; `probe_coh_mu` is not computed here (NaN)."""
+    def probe(model) -> dict:
+        c = cub_coherence(cub_generations(model, test, n), test, clf, n)
+        return {"probe_coh": (c["image_to_caption"] + c["caption_to_image"]) / 2, "probe_coh_mu": float("nan"),
+                "probe_uncond": c["joint"]}
+    return probe
 
 # %% ../nbs/06b_cub_metrics.ipynb #c5790401
 def real_image_features(test: CUBCaptions, extractor, key: str, n: int, progress: bool = False) -> torch.Tensor:

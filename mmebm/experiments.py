@@ -23,9 +23,9 @@ from .baselines import BaselineConfig, baseline_profile, baseline_config_hash, B
 # %% auto #0
 __all__ = ['REPRODUCE_ENV', 'PLAN_KEYS', 'CUB_KEYS', 'CUB_ROOT_ENV', 'SWEEPS', 'SMALL_FILES', 'NOTEBOOKS', 'reproduce_dir',
            'load_plan', 'RunSpec', 'baseline_runs', 'cub_data', 'cub_runs', 'plan_runs', 'is_baseline', 'run_dir_of',
-           'hash_of', 'finished_status', 'train_run', 'evaluate_run', 'sample_artefacts', 'cub_sample_artefacts',
-           'artefacts_of', 'baseline_sample_artefacts', 'collect', 'RunResults', 'run_notebook', 'write_index',
-           'update_readme', 'reproduce', 'lookup', 'markdown_table', 'save_table', 'to_signed']
+           'hash_of', 'finished_status', 'training_probe', 'train_run', 'evaluate_run', 'sample_artefacts',
+           'cub_sample_artefacts', 'artefacts_of', 'baseline_sample_artefacts', 'collect', 'RunResults', 'run_notebook',
+           'write_index', 'update_readme', 'reproduce', 'lookup', 'markdown_table', 'save_table', 'to_signed']
 
 # %% ../nbs/08_experiments.ipynb #b6adb82a
 REPRODUCE_ENV = "MMEBM_REPRODUCE_DIR"
@@ -56,7 +56,8 @@ def load_plan(name_or_path: str) -> dict:
     if unknown: raise ValueError(f"{p}: unknown cub keys {sorted(unknown)}; known: {sorted(CUB_KEYS)}")
     unknown = set(plan.get("ablations", {})) - set(SWEEPS) - {"latent", "inference"}
     if unknown: raise ValueError(f"{p}: unknown ablations {sorted(unknown)}")
-    unknown = set((plan.get("baselines") or {}).get("iterations", {})) - set(BASELINES)
+    b = plan.get("baselines") or {}
+    unknown = (set(b.get("iterations", {})) | set(b.get("wall_clock", {}))) - set(BASELINES)
     if unknown: raise ValueError(f"{p}: unknown baselines {sorted(unknown)}; known: {sorted(BASELINES)}")
     plan.setdefault("name", p.stem); plan.setdefault("set", {}); plan.setdefault("samples", {})
     plan["path"] = str(p)
@@ -76,10 +77,14 @@ def baseline_runs(plan: dict, base: Config) -> list[RunSpec]:
     """The plan's baseline runs (role `baseline-<key>`): same data, seed and device as ours, the iterations the plan
     gives each (calibrated to our main run's wall clock in `smoke`), scored with the main run's settings."""
     b = plan.get("baselines") or {}
-    return [RunSpec(f"baseline-{key}", baseline_profile(key, plan["profile"], name=f"{plan['name']}-{key}", iterations=int(n), epochs=None,
-                                                      data=base.data, data_seed=base.data_seed, data_limit=base.data_limit,
-                                                      seed=base.seed, device=base.device, **(b.get("set") or {}).get(key, {})),
-                    plan["eval"]["main"], artefacts=True) for key, n in (b.get("iterations") or {}).items()]
+    # `baselines.wall_clock` (optional): a second run of a baseline for about our main run's wall clock, when
+    # `iterations` gives it the same number of epochs instead (role `baseline-<key>-wallclock`)
+    budgets = [(f"baseline-{key}", f"{plan['name']}-{key}", key, n) for key, n in (b.get("iterations") or {}).items()]
+    budgets += [(f"baseline-{key}-wallclock", f"{plan['name']}-{key}-wallclock", key, n) for key, n in (b.get("wall_clock") or {}).items()]
+    return [RunSpec(role, baseline_profile(key, plan["profile"], name=name, iterations=int(n), epochs=None,
+                                           data=base.data, data_seed=base.data_seed, data_limit=base.data_limit,
+                                           seed=base.seed, device=base.device, **(b.get("set") or {}).get(key, {})),
+                    plan["eval"]["main"], artefacts=True) for role, name, key, n in budgets]
 
 def cub_data(plan: dict) -> str | None:
     """Where the plan's CUB run reads its data: `cub.data` "standin" (or absent) is the offline stand-in; "real" is
@@ -157,6 +162,24 @@ def finished_status(spec: RunSpec) -> dict | None:
     same = load(d / "config.yaml").replace(max_minutes=None) == resolve_config(spec.cfg).replace(max_minutes=None)
     return status if status.get("state") == "completed" and same else None
 
+def training_probe(cfg: Config, n: int = 500):
+    """The coherence probe a run of ours logs every `probe_every` iterations (None when it logs none): PolyMNIST's
+    `metrics.coherence_probe` or CUB's `cub_metrics.cub_coherence_probe` on the first n test tuples."""
+    if not cfg.probe_every: return None
+    from .train import resolve_config, data_path_of
+    cfg = resolve_config(cfg); path = data_path_of(cfg)
+    try:
+        if cfg.dataset == "cub":
+            from .cub import CUBCaptions
+            from .cub_metrics import cub_coherence_probe, get_cub_classifiers, CUB_ACCURACY_FLOOR
+            clf = get_cub_classifiers(path, progress=False)
+            metrics.check_floor(clf, CUB_ACCURACY_FLOOR)
+            return cub_coherence_probe(CUBCaptions(path, "test"), clf, n)
+        return metrics.coherence_probe(PolyMNIST(path, "test"), metrics.get_classifiers(path, progress=False), n)
+    except metrics.MetricUnavailable as e:     # a reduced build's classifiers: train on, without the probe
+        print(f"coherence probe off: {e}")
+        return None
+
 def train_run(spec: RunSpec, progress: bool = True) -> dict:
     "Train (or continue, or skip) one run; its status, plus `error` if it raised."
     if spec.skip: return {"state": "skipped", "reason": spec.skip}
@@ -164,8 +187,8 @@ def train_run(spec: RunSpec, progress: bool = True) -> dict:
     if done: return done       # its status (and the revision that trained it) stand
     d = run_dir_of(spec)
     try:
-        fit = baselines.train_baseline if is_baseline(spec) else train
-        _, status = fit(spec.cfg, d, resume=True, progress=progress)
+        if is_baseline(spec): _, status = baselines.train_baseline(spec.cfg, d, resume=True, progress=progress)
+        else: _, status = train(spec.cfg, d, resume=True, progress=progress, probe=training_probe(spec.cfg))
         return status
     except Exception as e:      # recorded, not fatal: the notebooks that need this run say it is missing
         return {"state": "error", "reason": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()}
@@ -321,6 +344,7 @@ NOTEBOOKS = (      # (notebook in reproduce/, the roles it cannot do without)
     ("06_cost", ("main",)),
     ("07_samples", ("main",)),
     ("08_cub", ("cub",)),
+    ("09_training_log", ("main",)),
 )
 
 def run_notebook(name: str, results_dir, kernel: str = "python3") -> dict:

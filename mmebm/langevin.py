@@ -21,6 +21,12 @@ class LangevinResult:
     trajectory: list[list[torch.Tensor]] | None = None  # recorded states, each a list like `samples` (on CPU)
     steps: list[int] | None = None                   # the step index of each recorded state (0 = initialiser)
     energies: torch.Tensor | None = None             # (K + 1, B): U at every step, initialiser and final included
+    # what the training diagnostics read (nbs/05_train), filled on every call at no extra cost unless noted:
+    init: list[torch.Tensor] | None = None           # the initialiser the chain started from (detached)
+    energy_init: torch.Tensor | None = None          # (B,) U at the initialiser (the first step computes it anyway)
+    energy_final: torch.Tensor | None = None         # (B,) U at the samples: one more evaluation, on request only
+    grad_abs: torch.Tensor | None = None             # mean |dU/dstate| over the steps and the moving blocks (0-dim)
+    init_mean: torch.Tensor | None = None            # latent chains: the mean of the expert each z0 was drawn from
 
 def temperature(step_size: float, noise: float) -> float:
     "The temperature T = (noise / step_size)^2 of the Langevin update with these two numbers."
@@ -28,25 +34,32 @@ def temperature(step_size: float, noise: float) -> float:
 
 def langevin(potential: Callable[[list[torch.Tensor]], torch.Tensor], init: Sequence[torch.Tensor],
              n_steps: int, step_size: float, noise: float, movable: Sequence[int] | None = None,
-             record: bool = False, record_every: int = 1) -> LangevinResult:
+             record: bool = False, record_every: int = 1, final_energy: bool = False) -> LangevinResult:
     """Short-run Langevin on `potential` (a function of a list of tensors returning (B,) values).
 
-    Only the blocks in `movable` move; the others stay clamped at their initial values."""
+    Only the blocks in `movable` move; the others stay clamped at their initial values. `final_energy` also
+    evaluates U at the samples (`record` implies it)."""
     with torch.enable_grad():  # callers may sit under no_grad (evaluation); the chain always needs its gradient
-        return _langevin(potential, init, n_steps, step_size, noise, movable, record, record_every)
+        return _langevin(potential, init, n_steps, step_size, noise, movable, record, record_every, final_energy)
 
-def _langevin(potential, init, n_steps, step_size, noise, movable, record, record_every):
+def _langevin(potential, init, n_steps, step_size, noise, movable, record, record_every, final_energy=False):
     # the state stays in float32 even when the initialiser came out of bf16 autocast: a bf16 state would round
     # away steps and noise of 1e-3 (its resolution near 1 is 8e-3); autocast still runs the nets in bf16
     state = [t.detach().to(torch.float32 if t.dtype in (torch.bfloat16, torch.float16) else t.dtype).clone() for t in init]
     movable = list(range(len(state))) if movable is None else list(movable)
     keep = lambda: [t.detach().cpu().clone() for t in state]
     trajectory, steps, energies = ([keep()], [0], []) if record else (None, None, None)
+    first, grad_abs = [t.detach() for t in init], None
+    u0 = None
     for k in range(n_steps):
         for i in movable: state[i].requires_grad_(True)
         u = potential(state)
         grads = torch.autograd.grad(u.sum(), [state[i] for i in movable])
         with torch.no_grad():
+            if k == 0: u0 = u.detach()
+            # a diagnostic: how steep the potential is where the chain walks (a flat EBM moves x by noise alone)
+            g_abs = sum(g.abs().mean() for g in grads) / max(len(grads), 1)
+            grad_abs = g_abs if grad_abs is None else grad_abs + g_abs
             for i, g in zip(movable, grads):
                 # randn in the logical order of the shape (randn_like would follow a channels-last tensor's memory
                 # order): the same seed gives the same chain in either memory format
@@ -55,18 +68,21 @@ def _langevin(potential, init, n_steps, step_size, noise, movable, record, recor
         if record:
             energies.append(u.detach())
             if (k + 1) % record_every == 0 or k + 1 == n_steps: trajectory.append(keep()); steps.append(k + 1)
-    if record:
-        with torch.no_grad(): energies.append(potential(state).detach())
-        energies = torch.stack(energies)
-    return LangevinResult([t.detach() for t in state], trajectory, steps, energies)
+    u_final = None
+    if record or final_energy:
+        with torch.no_grad(): u_final = potential(state).detach()
+    if record: energies = torch.stack(energies + [u_final])
+    if u0 is None: u0 = u_final            # no steps: the initialiser is the sample
+    return LangevinResult([t.detach() for t in state], trajectory, steps, energies, init=first, energy_init=u0,
+                          energy_final=u_final, grad_abs=None if grad_abs is None else grad_abs / n_steps)
 
 # %% ../nbs/02_langevin.ipynb #f668b68b
 def langevin_x(energy: Callable[[list[torch.Tensor]], torch.Tensor], x: Sequence[torch.Tensor], n_steps: int = 30,
                step_size: float = 0.3, noise: float = 1e-3, observed: Sequence[int] = (),
-               record: bool = False, record_every: int = 1) -> LangevinResult:
+               record: bool = False, record_every: int = 1, final_energy: bool = False) -> LangevinResult:
     "T_x: revise samples x = (x_1..x_M) by Langevin on the energy; modalities in `observed` stay clamped."
     movable = [m for m in range(len(x)) if m not in set(observed)]
-    return langevin(energy, x, n_steps, step_size, noise, movable, record, record_every)
+    return langevin(energy, x, n_steps, step_size, noise, movable, record, record_every, final_energy)
 
 # %% ../nbs/02_langevin.ipynb #a3f9a90e
 def posterior_potential(decode: Callable, observed: dict[int, torch.Tensor], sigma: float = 0.3,
@@ -83,7 +99,7 @@ def posterior_potential(decode: Callable, observed: dict[int, torch.Tensor], sig
 
 def langevin_z(decode: Callable, z: torch.Tensor, observed: dict[int, torch.Tensor], n_steps: int = 10,
                step_size: float = 0.1, noise: float = 0.1, sigma: float = 0.3, likelihood: str | Sequence[str] = "gaussian",
-               record: bool = False, record_every: int = 1) -> LangevinResult:
+               record: bool = False, record_every: int = 1, final_energy: bool = False) -> LangevinResult:
     "T_z: revise latent samples z by Langevin on the generator posterior p(z | x_S), S = the observed modalities."
     return langevin(posterior_potential(decode, observed, sigma, likelihood), [z], n_steps, step_size, noise,
-                    None, record, record_every)
+                    None, record, record_every, final_energy)

@@ -20,11 +20,11 @@ __all__ = ['ACCURACY_FLOOR', 'CLASSIFIER_VERSION', 'PUBLISHED_CLASSIFIER_FILE', 
            'DigitClassifier', 'predict', 'train_classifiers', 'save_classifiers', 'load_classifiers', 'get_classifiers',
            'check_floor', 'PublishedPolyMNISTClassifier', 'load_published_classifiers', 'save_published_format',
            'proper_subsets', 'model_device', 'conditional_coherence', 'summarise_conditional',
-           'unconditional_coherence', 'ReferenceModel', 'fid_helper_file', 'inception_extractor', 'to_uint8', 'extract',
-           'frechet_distance', 'fingerprint', 'real_features', 'cached_features', 'sample_many', 'parameter_counts',
-           'generation_latency', 'revision_of', 'kinds_of', 'classifier_set', 'coherence_metrics',
-           'conditional_samples', 'fid_metrics', 'cost_metrics', 'provenance', 'timed_into', 'inception_scores',
-           'write_metrics', 'evaluate']
+           'unconditional_coherence', 'ReferenceModel', 'coherence_probe', 'constant_label_reference',
+           'fid_helper_file', 'inception_extractor', 'to_uint8', 'extract', 'frechet_distance', 'fingerprint',
+           'real_features', 'cached_features', 'sample_many', 'parameter_counts', 'generation_latency', 'revision_of',
+           'kinds_of', 'classifier_set', 'coherence_metrics', 'conditional_samples', 'fid_metrics', 'cost_metrics',
+           'provenance', 'timed_into', 'inception_scores', 'write_metrics', 'evaluate']
 
 # %% ../nbs/06_metrics.ipynb #28dc7c58
 class MetricUnavailable(RuntimeError):
@@ -211,9 +211,10 @@ def summarise_conditional(table) -> dict:
             "n_pairs": int(len(table)), "n_per_pair": int(table["n"].iloc[0])}
 
 @torch.no_grad()
-def unconditional_coherence(model, classifiers: dict, n: int = 1000, batch_size: int = 250, revised: bool = False) -> float:
-    "Fraction of n prior samples whose M predicted digits all agree."
-    check_floor(classifiers)
+def unconditional_coherence(model, classifiers: dict, n: int = 1000, batch_size: int = 250, revised: bool = False,
+                            floor: float | None = None) -> float:
+    "Fraction of n prior samples whose M predicted digits all agree (`floor`: the classifiers' accuracy floor, `ACCURACY_FLOOR` unless given)."
+    check_floor(classifiers, ACCURACY_FLOOR if floor is None else floor)
     agree = 0
     for a in range(0, n, batch_size):
         out = model.sample(min(batch_size, n - a), revised=revised)
@@ -247,6 +248,39 @@ class ReferenceModel:
         m0 = min(observed)
         out = self._draw(self._labels_of(m0, observed[m0]))
         return [observed[m] if m in observed else out[m] for m in range(self.n_modalities)]
+
+# %% ../nbs/06_metrics.ipynb #4b129a1c
+@torch.no_grad()
+def coherence_probe(ds: PolyMNIST, classifiers: dict, n: int = 500, batch_size: int = 250, floor: float | None = None):
+    """A function of a model returning `probe_coh` (single-source coherence over the M (M - 1) pairs, generator only),
+    `probe_coh_mu` (the same from the source expert's mean, NaN for a model without experts) and `probe_uncond`
+    (n prior samples whose M digits agree), on the first n tuples of `ds`. `floor`: the classifiers' accuracy floor
+    (`ACCURACY_FLOOR` unless given)."""
+    check_floor(classifiers, ACCURACY_FLOOR if floor is None else floor)
+    clfs, n = classifiers["models"], min(n, len(ds))
+    batches = [ds.get_batch(np.arange(a, min(n, a + batch_size))) for a in range(0, n, batch_size)]
+    def hits(out, y, src):
+        return sum(int((predict(clfs[t], out[t].float().cpu()) == y).sum()) for t in range(len(out)) if t != src)
+    def probe(model) -> dict:
+        dev, M = model_device(model), model.n_modalities
+        experts = getattr(model, "inference", None)
+        h = h_mu = 0
+        for x, y in batches:
+            for s in range(M):
+                obs = {s: x[s].to(dev)}
+                h += hits(model.generate(obs), y, s)
+                if experts is not None: h_mu += hits(model.decode(experts.sample(obs, return_mean=True)[1]), y, s)
+        pairs = n * M * (M - 1)
+        return {"probe_coh": h / pairs, "probe_coh_mu": h_mu / pairs if experts is not None else float("nan"),
+                "probe_uncond": unconditional_coherence(model, classifiers, n, batch_size, floor=floor)}
+    return probe
+
+# %% ../nbs/06_metrics.ipynb #76253291
+def constant_label_reference(labels) -> float:
+    """The coherence of a model that always emits one label (digit, species): the frequency of the most common
+    label among the scored tuples. A model has learned something only when it clears this, not just chance."""
+    labels = np.asarray(labels)
+    return float(np.bincount(labels).max() / len(labels))
 
 # %% ../nbs/06_metrics.ipynb #57ab6442
 INCEPTION_ENV = "MMEBM_INCEPTION_WEIGHTS"

@@ -116,19 +116,24 @@ class MoEInference(nn.Module):
         ex = self.experts(observed)
         return sum(gaussian_log_prob(latent_block(z, m, self.latent, self.latent_dim), mu, lv) for m, (mu, lv) in ex.items()) / len(ex)
 
-    def sample(self, observed: dict[int, torch.Tensor], init: str = "random_expert") -> torch.Tensor:
-        "Initialisers z0 ~ q(z | x_S): (B, latent size), or (|S| B, latent size) for `init='stratified'`."
+    def sample(self, observed: dict[int, torch.Tensor], init: str = "random_expert", return_mean: bool = False):
+        """Initialisers z0 ~ q(z | x_S): (B, latent size), or (|S| B, latent size) for `init='stratified'`.
+        `return_mean`: also the mean each row was drawn around (its expert's mu; the prior's 0 for a block no
+        observed expert infers), which the training diagnostics compare the revised latents with."""
         ex = self.experts(observed)
         draw = {m: mu + torch.exp(0.5 * lv) * torch.randn_like(mu) for m, (mu, lv) in ex.items()}
         if self.latent == "independent":   # observed blocks from their experts, the others from the prior
-            b = next(iter(draw.values())).shape[0]
-            return torch.cat([draw[m] if m in draw else torch.randn(b, self.latent_dim, device=draw[next(iter(draw))].device)
-                              for m in range(self.n_modalities)], 1)
+            b, dev = next(iter(draw.values())).shape[0], draw[next(iter(draw))].device
+            z = torch.cat([draw[m] if m in draw else torch.randn(b, self.latent_dim, device=dev) for m in range(self.n_modalities)], 1)
+            mean = torch.cat([ex[m][0] if m in ex else torch.zeros(b, self.latent_dim, device=dev) for m in range(self.n_modalities)], 1)
+            return (z, mean) if return_mean else z
         stack = torch.stack([draw[m] for m in sorted(draw)])          # |S| x B x d
-        if init == "stratified": return stack.flatten(0, 1)
+        mus = torch.stack([ex[m][0] for m in sorted(ex)])
+        if init == "stratified": return (stack.flatten(0, 1), mus.flatten(0, 1)) if return_mean else stack.flatten(0, 1)
         if init != "random_expert": raise ValueError(f"moe_init must be random_expert or stratified, not {init!r}")
         pick = torch.randint(len(draw), (stack.shape[1],), device=stack.device)
-        return stack[pick, torch.arange(stack.shape[1], device=stack.device)]
+        rows = torch.arange(stack.shape[1], device=stack.device)
+        return (stack[pick, rows], mus[pick, rows]) if return_mean else stack[pick, rows]
 
 # %% ../nbs/03_model.ipynb #4646f1bc
 class MultimodalGenerativeModel(Protocol):
@@ -191,18 +196,29 @@ class MMEBM(nn.Module):
         x = self.generator.decode(z)
         return x if self.ebm_init == "generator" else [torch.rand_like(t) * 2 - 1 for t in x]
 
-    def infer(self, observed: dict[int, torch.Tensor], K: int | None = None, init: str | None = None) -> LangevinResult:
-        """Posterior-revised latents for the subset: z0 ~ q(z | x_S), then T_z.
+    def infer(self, observed: dict[int, torch.Tensor], K: int | None = None, init: str | None = None,
+              final_energy: bool = False) -> LangevinResult:
+        """Posterior-revised latents for the subset: z0 ~ q(z | x_S), then T_z. The result also carries what the
+        training diagnostics read: z0 (`init`), the mean of the expert each z0 came from (`init_mean`), U at z0
+        and (with `final_energy`) at the revised latents.
 
         With `inference='independent'` every observed modality runs its own chain on its own likelihood; the
         result stacks them modality-major (|S| B rows, like `init='stratified'`)."""
         init = init or self.moe_init
         if self.inference_mode == "independent":
-            runs = [self.revise_z(self.inference.sample({m: x}), {m: x}, K) for m, x in sorted(observed.items())]
-            return LangevinResult([torch.cat([r.samples[0] for r in runs])])
-        z0 = self.inference.sample(observed, init)
+            starts, runs = [], []
+            for m, x in sorted(observed.items()):     # draw, then revise, modality by modality (the random stream's order)
+                starts.append(self.inference.sample({m: x}, return_mean=True))
+                runs.append(self.revise_z(starts[-1][0], {m: x}, K, final_energy=final_energy))
+            cat = lambda k: None if getattr(runs[0], k) is None else torch.cat([getattr(r, k) for r in runs])
+            return LangevinResult([torch.cat([r.samples[0] for r in runs])], init=[torch.cat([z for z, _ in starts])],
+                                  init_mean=torch.cat([mu for _, mu in starts]), energy_init=cat("energy_init"),
+                                  energy_final=cat("energy_final"))
+        z0, mean = self.inference.sample(observed, init, return_mean=True)
         reps = z0.shape[0] // next(iter(observed.values())).shape[0]
-        return self.revise_z(z0, {m: x.repeat(reps, *[1] * (x.dim() - 1)) for m, x in observed.items()}, K)
+        res = self.revise_z(z0, {m: x.repeat(reps, *[1] * (x.dim() - 1)) for m, x in observed.items()}, K, final_energy=final_energy)
+        res.init_mean = mean
+        return res
 
     # ---- the common interface
     def encode(self, observed: dict[int, torch.Tensor], K: int | None = None) -> torch.Tensor:

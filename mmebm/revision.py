@@ -12,7 +12,8 @@ import torch
 from .model import MMEBM, frozen
 
 # %% auto #0
-__all__ = ['ebm_loss', 'generator_loss', 'inference_loss', 'Diverged', 'check_loss', 'grad_norm', 'bound_losses', 'RevisionStep']
+__all__ = ['ebm_loss', 'generator_loss', 'inference_loss', 'Diverged', 'check_loss', 'grad_norm', 'bound_losses',
+           'reconstruction_error', 'learning_diagnostics', 'RevisionStep']
 
 # %% ../nbs/04_revision.ipynb #09b5b02c
 def ebm_loss(model: MMEBM, x: Sequence[torch.Tensor], x_rev: Sequence[torch.Tensor], temper: bool = True) -> torch.Tensor:
@@ -73,12 +74,46 @@ def bound_losses(model: MMEBM) -> dict:
     return {"G": functools.partial(generator_loss, model), "I": functools.partial(inference_loss, model),
             "E": functools.partial(ebm_loss, model)}
 
+def reconstruction_error(x: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
+    """Per-element error of a reconstruction, in the data's own units: the mean squared error per pixel for an
+    image; for a caption (logits, B x L x V), the fraction of positions whose most likely token differs."""
+    if x.dim() == 3: return (x.argmax(-1) != mean.argmax(-1)).float().mean()
+    return (x.float() - mean.float()).pow(2).mean()
+
+@torch.no_grad()
+def learning_diagnostics(model: MMEBM, x: Sequence[torch.Tensor], z_res, x0: Sequence[torch.Tensor], x_res, experts: dict) -> dict:
+    """Numbers that say whether the three models learn (all per example or per element, means over the batch):
+
+    - `z0_norm`, `zrev_norm`: |z| / sqrt(d) of the experts' draws and of the revised latents (the prior gives 1);
+    - `z_rms_expert`: RMS(z~ - mu) against the mean of the expert each chain started from (how far T_z moves);
+    - `U_init`, `U_revised`: the latent potential U(z) before and after T_z;
+    - `rec_mu_m`, `rec_z_m`: modality m's reconstruction error from its expert's mean (no chain) and from z~;
+    - `x_move`, `x_noise_floor`: mean |x~ - x0| of the data-space chain, and what its noise alone gives,
+      n_x sqrt(K_x) sqrt(2 / pi); `grad_x`: mean |dE/dx| along that chain."""
+    d = z_res.samples[0].shape[1]
+    z0, z_rev = z_res.init[0], z_res.samples[0]
+    out = {"z0_norm": z0.norm(dim=1).mean() / math.sqrt(d), "zrev_norm": z_rev.norm(dim=1).mean() / math.sqrt(d),
+           "z_rms_expert": (z_rev - z_res.init_mean).pow(2).mean().sqrt(),
+           "U_init": z_res.energy_init.float().mean(), "U_revised": z_res.energy_final.float().mean()}
+    if x_res.grad_abs is None: x_res.grad_abs = torch.tensor(float("nan"))    # no data-space steps (K_x = 0)
+    gen, reps = model.generator, z_rev.shape[0] // x[0].shape[0]
+    decoded = gen.decode(z_rev)
+    for i, t in enumerate(x):
+        out[f"rec_mu_{i}"] = reconstruction_error(t, gen.decoders[i](experts[i][0]))
+        out[f"rec_z_{i}"] = reconstruction_error(t.repeat(reps, *[1] * (t.dim() - 1)), decoded[i])
+    K, n = model.kx["n_steps"], model.kx["noise"]
+    out["x_move"] = torch.stack([(a.float() - b.float()).abs().mean() for a, b in zip(x_res.samples, x0)]).mean()
+    out["x_noise_floor"] = torch.tensor(n * math.sqrt(K) * math.sqrt(2 / math.pi))
+    out["grad_x"] = x_res.grad_abs
+    return out
+
 class RevisionStep:
     "One training iteration of the three models by MCMC revision (order G -> I -> E)."
     def __init__(self, model: MMEBM, opt_E, opt_G, opt_I, lambda_S: float = 50.0, lambda_I: float = 0.1,
                  temper: bool = True, resample_after_g: bool = True, guard_threshold: float = 1e4, amp: bool = False,
-                 losses: dict | None = None, reduce=None):
+                 losses: dict | None = None, reduce=None, diagnostics: bool = True):
         self.model, self.opt = model, {"E": opt_E, "G": opt_G, "I": opt_I}
+        self.diagnostics = diagnostics       # `learning_diagnostics` in the log (a few % more time; no random numbers)
         self.lambda_S, self.lambda_I, self.temper = lambda_S, lambda_I, temper
         self.resample_after_g, self.guard_threshold, self.amp = resample_after_g, guard_threshold, amp
         # a process group swaps in DDP-wrapped losses (mmebm.scale.ddp_losses) and a mean over the ranks for
@@ -105,10 +140,10 @@ class RevisionStep:
             # 1-2: generator samples revised on the EBM
             z = m.generator.prior(b, device)
             with torch.no_grad(): x0 = m.initial_x(z)
-            x_rev = m.revise_x(x0).samples
+            x_res = m.revise_x(x0); x_rev = x_res.samples
             t1 = now(); log["sec_langevin_x"] = t1 - t0
             # 3: inference samples revised on the generator posterior
-            z_rev = m.infer(dict(enumerate(x))).samples[0]
+            z_res = m.infer(dict(enumerate(x)), final_energy=self.diagnostics); z_rev = z_res.samples[0]
             t2 = now(); log["sec_langevin_z"] = t2 - t1
             # 4: generator step
             L_G = self.loss["G"](x, z_rev, z, x_rev if paired else None, self.lambda_S)
@@ -126,7 +161,7 @@ class RevisionStep:
             # 6: re-sample with the updated generator
             if self.resample_after_g:
                 with torch.no_grad(): x0 = m.initial_x(z)
-                x_rev = m.revise_x(x0).samples
+                x_res = m.revise_x(x0); x_rev = x_res.samples
             t5 = now(); log["sec_langevin_x"] += t5 - t4
             # 7: EBM step
             L_E = self.loss["E"](x, x_rev, self.temper)
@@ -138,7 +173,12 @@ class RevisionStep:
                 # mean energies of data, initialisers and revised samples, and the experts' spread (a runaway here
                 # is the MoE instability the smoke profile guards against): one reduction over the ranks for all four
                 stats = [m.ebm.energy(v).float().mean() for v in (x, x0, x_rev)]
-                stats.append(torch.stack([lv.float().mean() for _, lv in m.inference.experts(dict(enumerate(x))).values()]).mean())
-                log.update(zip(("E_data", "E_init", "E_revised", "logvar_I"), self.reduce(torch.stack(stats)).tolist()))
+                experts = m.inference.experts(dict(enumerate(x)))
+                stats.append(torch.stack([lv.float().mean() for _, lv in experts.values()]).mean())
+                names = ["E_data", "E_init", "E_revised", "logvar_I"]
+                if self.diagnostics:
+                    diag = learning_diagnostics(m, x, z_res, x0, x_res, experts)
+                    names += list(diag); stats += [v.float().reshape(()).to(device) for v in diag.values()]
+                log.update(zip(names, self.reduce(torch.stack(stats)).tolist()))
         log.update(loss_E=le, loss_G=lg, loss_I=li, loss_E_times_T=le * T, sec_iteration=now() - t0)
         return log

@@ -20,11 +20,11 @@ from .revision import RevisionStep, Diverged
 from . import scale
 
 # %% auto #0
-__all__ = ['BUDGET_KEYS', 'LATER_FIELDS', 'PROFILES', 'MODEL_KEYS', 'LOG_COLUMNS', 'Config', 'config_hash', 'save_config',
-           'load_config', 'profile', 'build_model', 'resolve_config', 'data_path_of', 'CUBModalities', 'dataset_of',
-           'build_optimisers', 'resolve_device', 'runs_root', 'git_revision', 'device_name', 'quick_checks', 'Trainer',
-           'default_run_dir', 'train', 'plot_log', 'median_time', 'benchmark', 'sampling_throughput',
-           'format_benchmark']
+__all__ = ['BUDGET_KEYS', 'LATER_FIELDS', 'PROFILES', 'MODEL_KEYS', 'LOG_COLUMNS', 'PROBE_COLUMNS', 'Config', 'config_hash',
+           'save_config', 'load_config', 'profile', 'build_model', 'resolve_config', 'data_path_of', 'CUBModalities',
+           'dataset_of', 'build_optimisers', 'resolve_device', 'runs_root', 'git_revision', 'device_name',
+           'quick_checks', 'log_columns', 'Trainer', 'default_run_dir', 'train', 'plot_log', 'median_time', 'benchmark',
+           'sampling_throughput', 'format_benchmark']
 
 # %% ../nbs/05_train.ipynb #b17151fc
 @dataclass
@@ -82,6 +82,9 @@ class Config:
     epochs: float | None = None            # if set, iterations = ceil(epochs * iterations per epoch)
     max_minutes: float | None = None       # stop at an iteration boundary with a checkpoint
     checkpoint_every: int = 500
+    # what the log records (neither changes what an iteration computes: both stay out of the run's identity)
+    diagnostics: bool = True               # the learning diagnostics of nbs/04_revision, every iteration
+    probe_every: int = 0                   # score a coherence probe every N iterations (0: never; see `Trainer`)
     guard_threshold: float = 1e4           # |L_E T| above this counts as divergence
     seed: int = 0
     device: str = "auto"                   # auto | cpu | cuda
@@ -101,7 +104,7 @@ class Config:
 
 # Budget keys say how far a run goes, not what each iteration computes (nothing in training depends on the
 # total length), so they stay out of the run's identity: a longer budget continues the same run.
-BUDGET_KEYS = ("iterations", "epochs", "max_minutes", "checkpoint_every", "name")
+BUDGET_KEYS = ("iterations", "epochs", "max_minutes", "checkpoint_every", "name", "diagnostics", "probe_every")
 # Fields added after runs already existed: left out of the hash while at their defaults, so that those runs (and
 # the results that cite their hashes) keep their identity; set to anything else, they are part of it.
 LATER_FIELDS = {"channels_last": False, "compile": None, "dataset": "polymnist", "modalities": None}
@@ -126,10 +129,20 @@ PROFILES = {
     "smoke": dict(name="smoke", latent_dim=16, enc_width=16, enc_hidden=128, dec_width=16, ebm_width=16,
                   ebm_feat=64, ebm_hidden=128, batch_size=32, K_x=5, K_z=20, iterations=400, checkpoint_every=100,
                   enc_logvar_init=-4.0, lambda_I=1.0, lr_G=1e-3, lr_I=3e-5),
+    # the CPU profile that learns (see "Why the first smoke profile did not learn" below): the smoke widths, a latent of
+    # 32, batch 64, a unit-variance likelihood, faster Adam (betas (0.5, 0.999), the paper's 3:1 ratio of lr_G to lr_I)
+    "cpu": dict(name="cpu", latent_dim=32, enc_width=16, enc_hidden=128, dec_width=16, ebm_width=16, ebm_feat=64,
+                ebm_hidden=128, batch_size=64, K_x=5, K_z=10, sigma=1.0, lr_G=3e-3, lr_I=1e-3, betas=(0.5, 0.999),
+                iterations=2000, checkpoint_every=100, probe_every=200),
     # CUB (or its offline stand-in): a 64x64 image and a caption; the smoke settings otherwise
     "cub-smoke": dict(name="cub-smoke", dataset="cub", n_modalities=2, image_size=64, latent_dim=32, enc_width=16,
                       enc_hidden=128, dec_width=16, ebm_width=16, ebm_feat=64, ebm_hidden=128, batch_size=32, K_x=5,
                       K_z=20, iterations=400, checkpoint_every=100, enc_logvar_init=-4.0, lambda_I=1.0, lr_G=1e-3, lr_I=3e-5),
+    # CUB with the cpu profile's settings (sigma applies to the image; the caption's likelihood is categorical)
+    "cub-cpu": dict(name="cub-cpu", dataset="cub", n_modalities=2, image_size=64, latent_dim=32, enc_width=16,
+                    enc_hidden=128, dec_width=16, ebm_width=16, ebm_feat=64, ebm_hidden=128, batch_size=32, K_x=5,
+                    K_z=10, sigma=1.0, lr_G=3e-3, lr_I=1e-3, betas=(0.5, 0.999), iterations=1000, checkpoint_every=100,
+                    probe_every=200),
     # the real CUB (the paper's Section 5: latent 128, batch 100-128, the paper profile's schedule); needs the data and a GPU
     "cub-paper": dict(name="cub-paper", dataset="cub", n_modalities=2, image_size=64, latent_dim=128, batch_size=128,
                       epochs=100, checkpoint_every=2000),
@@ -248,15 +261,36 @@ def quick_checks(model: MMEBM, ds: PolyMNIST, n: int = 256, seed: int = 0) -> di
 LOG_COLUMNS = ("iteration", "epoch", "loss_E", "loss_G", "loss_I", "loss_E_times_T", "E_data", "E_init", "E_revised",
                "logvar_I", "grad_E", "grad_G", "grad_I", "sec_langevin_x", "sec_langevin_z", "sec_G", "sec_I", "sec_E",
                "sec_iteration", "lr_E")
+# the coherence probe's columns (empty except every `probe_every` iterations; see `Trainer`)
+PROBE_COLUMNS = ("probe_coh", "probe_coh_mu", "probe_uncond")
+
+def log_columns(cfg: Config) -> tuple:
+    "The log's columns for a config: the fixed ones, then the learning diagnostics (per modality where they are), then the probe's."
+    if not cfg.diagnostics: return LOG_COLUMNS + PROBE_COLUMNS
+    M = cfg.n_modalities
+    diag = ("z0_norm", "zrev_norm", "z_rms_expert", "U_init", "U_revised", *(f"rec_mu_{m}" for m in range(M)),
+            *(f"rec_z_{m}" for m in range(M)), "x_move", "x_noise_floor", "grad_x")
+    return LOG_COLUMNS + diag + PROBE_COLUMNS
+
+def _log_header(path: Path) -> list | None:
+    "The columns of an existing log (runs logged before a column was added keep their own)."
+    if not path.exists(): return None
+    with path.open() as f: return next(csv.reader(f), None)
 
 def _atomic_torch_save(obj, path: Path):
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     torch.save(obj, tmp); os.replace(tmp, path)
 
 class Trainer:
-    "Trains MMEBM on PolyMNIST by MCMC revision for a Config, in its run directory."
-    def __init__(self, cfg: Config, run_dir: str | os.PathLike | None = None):
+    """Trains MMEBM on PolyMNIST by MCMC revision for a Config, in its run directory.
+
+    `probe` (optional): a function of the model returning a dict of `PROBE_COLUMNS`, called every `probe_every`
+    iterations and logged in that iteration's row, e.g. `metrics.coherence_probe` (the metrics sit above the
+    trainer, so the caller hands it in). It runs on a forked random stream with the EBM frozen, so a run with a probe
+    trains exactly as one without."""
+    def __init__(self, cfg: Config, run_dir: str | os.PathLike | None = None, probe=None):
         cfg = resolve_config(cfg)
+        self.probe = probe
         self.cfg, self.device, self.ranks = cfg, resolve_device(cfg.device), scale.ranks()
         self.run_dir = Path(run_dir) if run_dir else default_run_dir(cfg)
         self.data_path = data_path_of(cfg)
@@ -274,7 +308,7 @@ class Trainer:
         self.step = RevisionStep(self.model, self.opt["E"], self.opt["G"], self.opt["I"], cfg.lambda_S, cfg.lambda_I,
                                  cfg.temper, cfg.resample_after_g, cfg.guard_threshold, cfg.amp,
                                  losses=scale.ddp_losses(self.model, self.device) if ddp else None,
-                                 reduce=scale.mean_over_ranks if ddp else None)
+                                 reduce=scale.mean_over_ranks if ddp else None, diagnostics=cfg.diagnostics)
         self.iteration, self.wall_before = 0, 0.0
 
     @property
@@ -313,21 +347,27 @@ class Trainer:
         return self
 
     @classmethod
-    def resume(cls, run_dir, **budget) -> "Trainer":
+    def resume(cls, run_dir, probe=None, **budget) -> "Trainer":
         """The trainer of an existing run at its last checkpoint (the log is cut back to that iteration).
         Only budget keys (`BUDGET_KEYS`) may change: anything else would be another run."""
         run_dir = Path(run_dir)
         if not (run_dir / "checkpoint.pt").exists(): raise FileNotFoundError(f"{run_dir}: no checkpoint.pt to resume from")
         if set(budget) - set(BUDGET_KEYS):
             raise ValueError(f"a resumed run may change only its budget {BUDGET_KEYS}, not {sorted(set(budget) - set(BUDGET_KEYS))}")
-        t = cls(load_config(run_dir / "config.yaml").replace(**budget), run_dir).load_checkpoint()
+        t = cls(load_config(run_dir / "config.yaml").replace(**budget), run_dir, probe=probe).load_checkpoint()
         log = run_dir / "log.csv"
         if log.exists() and t.ranks.main:
+            header = _log_header(log) or list(log_columns(t.cfg))
             rows = list(csv.DictReader(log.open()))
             with log.open("w", newline="") as f:
-                w = csv.DictWriter(f, LOG_COLUMNS); w.writeheader()
+                w = csv.DictWriter(f, header); w.writeheader()
                 w.writerows(r for r in rows if int(r["iteration"]) <= t.iteration)
         return t
+
+    def run_probe(self) -> dict:
+        "The probe's numbers, computed on a forked random stream with the EBM frozen (training is left exactly as it was)."
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []), frozen(self.model.ebm):
+            return self.probe(self.model)
 
     # ---- bookkeeping
     def _status(self, state: str, **extra) -> dict:
@@ -357,7 +397,7 @@ class Trainer:
         deadline = start + cfg.max_minutes * 60 if cfg.max_minutes else None
         bar = tqdm(total=self.total, initial=self.iteration, desc=self.run_dir.name, disable=not (progress and main))
         with (log_path.open("a", newline="") if main else open(os.devnull, "w")) as f:
-            w = csv.DictWriter(f, LOG_COLUMNS, extrasaction="ignore")
+            w = csv.DictWriter(f, _log_header(log_path) or log_columns(cfg), extrasaction="ignore")
             if new_log: w.writeheader()
             state, extra, batches, batches_epoch = "completed", {}, None, None
             while self.iteration < self.total:
@@ -373,6 +413,8 @@ class Trainer:
                                                 "at_iteration": self.iteration + 1}
                     break
                 self.iteration += 1
+                if self.probe and cfg.probe_every and main and (self.iteration % cfg.probe_every == 0 or self.iteration == self.total):
+                    row |= self.run_probe()
                 w.writerow(row | {"iteration": self.iteration, "epoch": epoch, "lr_E": self.opt["E"].param_groups[0]["lr"]})
                 if self.iteration % self.per_epoch == 0:
                     for s in self.sched.values(): s.step()
@@ -398,31 +440,67 @@ def default_run_dir(cfg: Config) -> Path:
     w, cfg = scale.ranks().world, resolve_config(cfg)
     return runs_root() / (f"{cfg.name}-{config_hash(cfg)}" + (f"-{w}ranks" if w > 1 else ""))
 
-def train(cfg: Config, run_dir=None, resume: bool = True, progress: bool = True) -> tuple[Trainer, dict]:
-    "Train a config in its run directory, continuing from its checkpoint when there is one (and `resume`)."
+def train(cfg: Config, run_dir=None, resume: bool = True, progress: bool = True, probe=None) -> tuple[Trainer, dict]:
+    "Train a config in its run directory, continuing from its checkpoint when there is one (and `resume`); `probe`: see `Trainer`."
     cfg = resolve_config(cfg)
     run_dir = Path(run_dir or default_run_dir(cfg))
     if resume and (run_dir / "checkpoint.pt").exists():
         saved = load_config(run_dir / "config.yaml")
         if config_hash(saved) != config_hash(cfg):
             raise ValueError(f"{run_dir} holds another config (hash {config_hash(saved)}, not {config_hash(cfg)})")
-        t = Trainer.resume(run_dir, **{k: getattr(cfg, k) for k in BUDGET_KEYS})
+        t = Trainer.resume(run_dir, probe=probe, **{k: getattr(cfg, k) for k in BUDGET_KEYS})
     else:
-        t = Trainer(cfg, run_dir)
+        t = Trainer(cfg, run_dir, probe=probe)
     return t, t.fit(progress)
 
 # %% ../nbs/05_train.ipynb #70852896
 def plot_log(run_dir, smooth: int = 1):
-    "Losses and energies of a run over iterations (rolling mean over `smooth` iterations)."
+    """A run's log over iterations (rolling mean over `smooth` iterations): the three losses, the energies, and, when
+    the log has them, the learning diagnostics (latent norms against the prior's 1, reconstruction from the experts'
+    means and from z~, the data chain's movement against its noise floor and its energy gradient, U before and after
+    the latent chain, and the coherence probe against chance)."""
     import matplotlib.pyplot as plt
     import pandas as pd
-    log = pd.read_csv(Path(run_dir) / "log.csv").set_index("iteration").rolling(smooth, min_periods=1).mean()
-    fig, ax = plt.subplots(1, 4, figsize=(14, 2.8))
+    raw = pd.read_csv(Path(run_dir) / "log.csv").set_index("iteration")
+    log = raw.rolling(smooth, min_periods=1).mean()
+    diag = "z0_norm" in log.columns
+    fig, axes = plt.subplots(2 if diag else 1, 5, figsize=(17, 5.6 if diag else 2.8), squeeze=False)
+    ax = axes[0]
     for a, col, title in zip(ax, ("loss_E_times_T", "loss_G", "loss_I"), ("EBM: L_E * T", "generator: L_G", "inference: L_I")):
-        a.plot(log.index, log[col], lw=1); a.set_title(title, fontsize=9); a.set_xlabel("iteration")
+        a.plot(log.index, log[col], lw=1); a.set_title(title, fontsize=9)
     for col, label in (("E_data", "data"), ("E_init", "initialiser"), ("E_revised", "revised")):
         ax[3].plot(log.index, log[col], lw=1, label=label)
-    ax[3].set_title("mean energy", fontsize=9); ax[3].legend(fontsize=7); ax[3].set_xlabel("iteration")
+    ax[3].set_title("mean energy", fontsize=9); ax[3].legend(fontsize=7)
+    ax[4].plot(log.index, log["logvar_I"], lw=1); ax[4].set_title("experts' mean log-variance", fontsize=9)
+    if diag:
+        ax = axes[1]
+        ax[0].plot(log.index, log["z0_norm"], lw=1, label="z0 (experts' draws)")
+        ax[0].plot(log.index, log["zrev_norm"], lw=1, label="z~ (after T_z)")
+        ax[0].plot(log.index, log["z_rms_expert"], lw=1, label="RMS(z~ - mu)")
+        ax[0].axhline(1, color="k", lw=0.6, ls=":", label="prior")
+        ax[0].set_title("latents, per dimension", fontsize=9); ax[0].legend(fontsize=7)
+        M = sum(c.startswith("rec_mu_") for c in log.columns)
+        for kind, colour, label in (("rec_mu", "C0", "expert mean (no chain)"), ("rec_z", "C1", "z~")):
+            cols = [f"{kind}_{m}" for m in range(M)]
+            for c in cols: ax[1].plot(log.index, log[c], lw=0.4, color=colour, alpha=0.5)
+            ax[1].plot(log.index, log[cols].mean(1), lw=1.2, color=colour, label=label)
+        ax[1].set_title("reconstruction error per modality", fontsize=9); ax[1].legend(fontsize=7)
+        ax[2].semilogy(log.index, log["x_move"], lw=1, label="mean |x~ - x0|")
+        ax[2].semilogy(log.index, log["x_noise_floor"], lw=1, ls="--", color="k", label="noise floor")
+        ax[2].semilogy(log.index, 10 * log["x_noise_floor"], lw=0.6, ls=":", color="k", label="10 x floor")
+        ax[2].semilogy(log.index, log["grad_x"], lw=1, label="mean |dE/dx|")
+        ax[2].set_title("data-space chain", fontsize=9); ax[2].legend(fontsize=7)
+        ax[3].plot(log.index, log["U_init"], lw=1, label="U(z0)"); ax[3].plot(log.index, log["U_revised"], lw=1, label="U(z~)")
+        ax[3].set_yscale("log"); ax[3].set_title("latent potential before / after T_z", fontsize=9); ax[3].legend(fontsize=7)
+        probe = raw[[c for c in PROBE_COLUMNS if c in raw.columns]].dropna(how="all")
+        if len(probe):
+            for c, label in (("probe_coh", "single-source (with T_z)"), ("probe_coh_mu", "from expert mean"),
+                             ("probe_uncond", "unconditional")):
+                ax[4].plot(probe.index, probe[c], marker=".", lw=1, label=label)
+            ax[4].axhline(0.1, color="k", lw=0.6, ls=":", label="chance")
+            ax[4].legend(fontsize=7)
+        ax[4].set_title("coherence probe" + ("" if len(probe) else " (not run)"), fontsize=9)
+    for a in axes.flat: a.set_xlabel("iteration", fontsize=8); a.tick_params(labelsize=7)
     fig.tight_layout()
     return fig
 
