@@ -111,7 +111,7 @@ BASELINE_PROFILES = {
                   iterations=400, checkpoint_every=100, refiner_width=16, refiner_steps=10),
     # beside our `cpu` profile: its widths, latent size and batch (MMVAE+ and HELVAE add 16 private dimensions)
     "cpu": dict(latent_dim=32, style_dim=16, enc_width=16, enc_hidden=128, dec_width=16, batch_size=64, lr=1e-3,
-                iterations=2000, checkpoint_every=200, refiner_width=16, refiner_steps=10),
+                iterations=1600, checkpoint_every=200, refiner_width=16, refiner_steps=10),
     "tiny": dict(data_limit=256, latent_dim=8, style_dim=4, enc_width=4, enc_hidden=16, dec_width=4, batch_size=16,
                  iterations=6, checkpoint_every=3, refiner_width=8, refiner_T=50, refiner_steps=3, n_clusters=3),
     # CUB image + caption, as wide as our cub-smoke / cub-paper / cub-tiny runs

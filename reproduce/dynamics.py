@@ -15,8 +15,9 @@ OUT = HERE.parent / "results" / "dynamics"
 
 
 def run(tag: str, spec: dict, plan: dict):
-    cfg = profile(spec["profile"], name=f"dynamics-{tag}", iterations=plan["iterations"], probe_every=plan["probe_every"],
-                  **{k: tuple(v) if k == "betas" else v for k, v in (spec.get("set") or {}).items()})
+    cfg = profile(spec["profile"], iterations=plan["iterations"], probe_every=plan["probe_every"],
+                  **{k: tuple(v) if k in ("betas", "betas_E") else v for k, v in (spec.get("set") or {}).items()})
+    cfg = cfg.replace(name=f"dynamics-{tag}")
     t, status = train(cfg, runs_root() / "dynamics" / tag, probe=training_probe(cfg))
     dest = OUT / tag
     dest.mkdir(parents=True, exist_ok=True)
@@ -30,8 +31,14 @@ def summarise(plan: dict):
     rows, logs = [], {}
     for tag, spec in plan["runs"].items():
         f = OUT / tag / "log.csv"
+        main = HERE.parent / "results" / "cpu" / "runs" / "main" / "log.csv"
+        if not f.exists() and tag == "cpu" and main.exists():
+            # the cpu main run is this config with the same seed (only its budget and probe interval differ, neither
+            # changes training): its first iterations are this run's, and its probe every 200 iterations
+            f = main
+            spec = dict(spec, says=spec["says"] + " (the first iterations of results/cpu's main run)")
         if not f.exists(): continue
-        log = logs[tag] = pd.read_csv(f).set_index("iteration")
+        log = logs[tag] = pd.read_csv(f).set_index("iteration").loc[:plan["iterations"]]
         probe, last = log["probe_coh"].dropna(), log.iloc[-20:].mean(numeric_only=True)
         M = sum(c.startswith("rec_z_") for c in log.columns)
         rows.append({"run": tag, "what it changes": spec["says"], "iterations": int(log.index.max()),

@@ -30,7 +30,7 @@ TABLES = {
 }
 FIGURES = ["ebm_loss", "generator_loss", "trajectories", "step_ablation", "samples_unconditional", "samples_cross_modal",
            "samples_baselines", "samples_baselines_cross", "cub_joint_samples", "cub_image_to_caption", "cub_caption_to_image",
-           "cub_models_caption_to_image", "cub_models_image_to_caption"]
+           "cub_models_caption_to_image", "cub_models_image_to_caption", "training_log", "training_log_cub"]
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +58,9 @@ def test_tiny_reproduce_produces_every_table_and_figure(tiny):
     main = pd.read_csv(res / "tables" / "main_table.csv")
     ours = main[main["model"].str.startswith("MMEBM")]
     assert len(ours) == 2 and ours["FID clf uncond"].notna().all() and ours["FID clf cond"].notna().all()
-    others = main[~main["model"].str.startswith("MMEBM")]                                 # every baseline measured:
+    reference = main[main["model"].str.startswith("reference")]        # the constant-digit row (tiny: no coherence)
+    assert len(reference) == 1 and reference["coh unconditional"].eq(1.0).all()
+    others = main[~main["model"].str.startswith(("MMEBM", "reference"))]                  # every baseline measured:
     assert len(others) == 7 and others["FID clf uncond"].notna().all() and others["iterations"].eq(4).all()  # (CMVAE + Diff-CMVAE: one run)
     assert {"Diff-CMVAE (CMVAE + DDPM refiner)", "MMVAE+", "HELVAE"} <= set(others["model"])
     cost = pd.read_csv(res / "tables" / "cost.csv")
