@@ -396,12 +396,15 @@ class Trainer:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         if main: save_config(self.cfg, self.run_dir / "config.yaml")
         log_path = self.run_dir / "log.csv"
-        new_log = not log_path.exists()
+        # a run that starts from iteration 0 starts its log afresh: a log left by a process killed before its first
+        # checkpoint (perhaps without even its header) describes iterations that were never saved
+        new_log = self.iteration == 0 or not log_path.exists()
         start, cfg = time.perf_counter(), self.cfg
         deadline = start + cfg.max_minutes * 60 if cfg.max_minutes else None
         bar = tqdm(total=self.total, initial=self.iteration, desc=self.run_dir.name, disable=not (progress and main))
-        with (log_path.open("a", newline="") if main else open(os.devnull, "w")) as f:
-            w = csv.DictWriter(f, _log_header(log_path) or log_columns(cfg), extrasaction="ignore")
+        header = None if new_log else _log_header(log_path)
+        with (log_path.open("w" if new_log else "a", newline="") if main else open(os.devnull, "w")) as f:
+            w = csv.DictWriter(f, header or log_columns(cfg), extrasaction="ignore")
             if new_log: w.writeheader()
             state, extra, batches, batches_epoch = "completed", {}, None, None
             while self.iteration < self.total:

@@ -264,3 +264,12 @@ def test_cli_train_resume_and_bench(tmp_path):
     assert r.returncode == 0 and "whole / sum of parts" in r.stdout and "E update" in r.stdout, r.stderr
     r = subprocess.run([exe, "train", "--profile", "nope"], capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 2 and "unknown profile" in r.stderr
+
+
+def test_a_fresh_run_starts_its_log_afresh(tmp_path):
+    "A log left by a process killed before its first checkpoint (here: empty, no header) is replaced, not appended to."
+    run = tmp_path / "stale"; run.mkdir()
+    (run / "log.csv").write_text("")
+    Trainer(profile("tiny", iterations=4), run).fit(progress=False)
+    log = pd.read_csv(run / "log.csv")
+    assert list(log["iteration"]) == [1, 2, 3, 4] and "loss_G" in log.columns
