@@ -82,14 +82,13 @@ def _train(a):
     # under torchrun every process runs this; they join one process group (gloo on CPU, NCCL on CUDA) first
     r = scale.init_distributed(a.device or "auto")
     try:
+        from mmebm.experiments import training_probe
         if a.resume:
             budget = _parse_set(a.set) | {k: getattr(a, k) for k in ("iterations", "max_minutes") if getattr(a, k) is not None}
-            from mmebm.experiments import training_probe
             t = train.Trainer.resume(a.resume, **budget)
             t.probe = training_probe(t.cfg)
             status = t.fit(progress=not a.quiet)
         else:
-            from mmebm.experiments import training_probe
             cfg = _config(a)
             t, status = train.train(cfg, a.run_dir, progress=not a.quiet, probe=training_probe(cfg))
     finally:

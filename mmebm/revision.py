@@ -95,7 +95,6 @@ def learning_diagnostics(model: MMEBM, x: Sequence[torch.Tensor], z_res, x0: Seq
     out = {"z0_norm": z0.norm(dim=1).mean() / math.sqrt(d), "zrev_norm": z_rev.norm(dim=1).mean() / math.sqrt(d),
            "z_rms_expert": (z_rev - z_res.init_mean).pow(2).mean().sqrt(),
            "U_init": z_res.energy_init.float().mean(), "U_revised": z_res.energy_final.float().mean()}
-    if x_res.grad_abs is None: x_res.grad_abs = torch.tensor(float("nan"))    # no data-space steps (K_x = 0)
     gen, reps = model.generator, z_rev.shape[0] // x[0].shape[0]
     decoded = gen.decode(z_rev)
     for i, t in enumerate(x):
@@ -104,7 +103,7 @@ def learning_diagnostics(model: MMEBM, x: Sequence[torch.Tensor], z_res, x0: Seq
     K, n = model.kx["n_steps"], model.kx["noise"]
     out["x_move"] = torch.stack([(a.float() - b.float()).abs().mean() for a, b in zip(x_res.samples, x0)]).mean()
     out["x_noise_floor"] = torch.tensor(n * math.sqrt(K) * math.sqrt(2 / math.pi))
-    out["grad_x"] = x_res.grad_abs
+    out["grad_x"] = x_res.grad_abs if x_res.grad_abs is not None else torch.tensor(float("nan"))   # K_x = 0: no steps
     return out
 
 class RevisionStep:
