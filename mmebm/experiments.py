@@ -15,7 +15,7 @@ import numpy as np
 import torch
 import yaml
 from tqdm.auto import tqdm
-from .data import PolyMNIST, polymnist_path, read_manifest
+from .data import PolyMNIST, polymnist_path, read_manifest, atomic_write, read_json
 from .train import Config, profile, train, Trainer, config_hash, device_name, git_revision, resolve_device
 from . import metrics, baselines
 from .baselines import BaselineConfig, baseline_profile, baseline_config_hash, BASELINES
@@ -51,7 +51,9 @@ def load_plan(name_or_path: str) -> dict:
         known = sorted(f.stem for f in (reproduce_dir() / "profiles").glob("*.yaml"))
         raise FileNotFoundError(f"no plan {name_or_path!r} ({p}); known profiles: {known}")
     plan = yaml.safe_load(p.read_text()) or {}
+    if not isinstance(plan, dict): raise ValueError(f"{p}: a plan is a mapping of keys, not a {type(plan).__name__}")
     if set(plan) - PLAN_KEYS: raise ValueError(f"{p}: unknown plan keys {sorted(set(plan) - PLAN_KEYS)}")
+    if {"profile", "main"} - set(plan): raise ValueError(f"{p}: a plan needs `profile` and `main` (missing: {sorted({'profile', 'main'} - set(plan))})")
     unknown = set(plan.get("cub") or {}) - CUB_KEYS
     if unknown: raise ValueError(f"{p}: unknown cub keys {sorted(unknown)}; known: {sorted(CUB_KEYS)}")
     unknown = set(plan.get("ablations", {})) - set(SWEEPS) - {"latent", "inference"}
@@ -84,7 +86,7 @@ def baseline_runs(plan: dict, base: Config) -> list[RunSpec]:
     return [RunSpec(role, baseline_profile(key, plan["profile"], name=name, iterations=int(n), epochs=None,
                                            data=base.data, data_seed=base.data_seed, data_limit=base.data_limit,
                                            seed=base.seed, device=base.device, **(b.get("set") or {}).get(key, {})),
-                    plan["eval"]["main"], artefacts=True) for role, name, key, n in budgets]
+                    (plan.get("eval") or {}).get("main"), artefacts=True) for role, name, key, n in budgets]
 
 def cub_data(plan: dict) -> str | None:
     """Where the plan's CUB run reads its data: `cub.data` "standin" (or absent) is the offline stand-in; "real" is
@@ -116,8 +118,8 @@ def plan_runs(plan: dict) -> tuple[list[RunSpec], dict]:
     "The runs a plan needs (main first) and the sweep table {sweep: {value: role}}."
     base = profile(plan["profile"], **plan["set"])
     named = lambda role, **kw: base.replace(name=f"{plan['name']}-{role}", **kw)
-    ev = plan["eval"]
-    runs = [RunSpec("main", named("main", **plan["main"]), ev["main"], artefacts=True)]
+    ev = plan.get("eval") or {}        # no `eval`: the runs train, nothing is scored
+    runs = [RunSpec("main", named("main", **plan["main"]), ev.get("main"), artefacts=True)]
     runs += baseline_runs(plan, base) + cub_runs(plan)
     abl = plan.get("ablations") or {}
     if not abl: return runs, {}
@@ -154,7 +156,8 @@ def finished_status(spec: RunSpec) -> dict | None:
     from mmebm.train import load_config, resolve_config
     d = run_dir_of(spec)
     if spec.skip or not ((d / "status.json").exists() and (d / "config.yaml").exists()): return None
-    status = json.loads((d / "status.json").read_text())
+    status = read_json(d / "status.json")          # None if unreadable (then the run continues from its checkpoint)
+    if status is None: return None
     saved = yaml.safe_load((d / "config.yaml").read_text()) or {}
     if baselines.is_baseline_config(saved) != is_baseline(spec): return None
     load = baselines.load_baseline_config if is_baseline(spec) else load_config
@@ -197,12 +200,12 @@ def evaluate_run(spec: RunSpec, progress: bool = True) -> dict | None:
     "Score a run with its plan's settings, reusing metrics.json when it matches the run's iteration and settings."
     if spec.evaluate is None: return None
     d = run_dir_of(spec)
-    status = json.loads((d / "status.json").read_text())
+    status = read_json(d / "status.json", {})
     f = d / "metrics.json"
-    if f.exists():
-        old = json.loads(f.read_text())
+    old = read_json(f)
+    if old is not None:
         same = {k: old.get("settings", {}).get(k) for k in spec.evaluate} == spec.evaluate
-        if same and old["provenance"]["iteration"] == status["iteration"]: return old
+        if same and old["provenance"]["iteration"] == status.get("iteration"): return old
     score = baselines.evaluate_baseline if is_baseline(spec) else metrics.evaluate
     return score(d, progress=progress, **spec.evaluate)
 
@@ -293,7 +296,7 @@ def collect(plan: dict, specs: list[RunSpec], sweeps: dict, states: dict, result
         index["runs"][spec.role] = {"run_dir": str(src), "config_hash": hash_of(spec), "evaluated": spec.evaluate is not None,
                                     "state": states.get(spec.role, {}).get("state", "missing"),
                                     "reason": states.get(spec.role, {}).get("reason")}
-    (results_dir / "runs.json").write_text(json.dumps(index, indent=2, default=str) + "\n")
+    atomic_write(results_dir / "runs.json", json.dumps(index, indent=2, default=str) + "\n")
     return results_dir / "runs.json"
 
 # %% ../nbs/08_experiments.ipynb #e20eceec

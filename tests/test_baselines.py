@@ -116,7 +116,7 @@ def test_diff_cmvae_refiner_changes_the_samples_and_the_cmvae_is_frozen_while_it
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.refiner.parameters())
 
 
-@pytest.mark.parametrize("key", ["mopoe", "diff_cmvae"])
+@pytest.mark.parametrize("key", ["mopoe", "diff_cmvae", "mmvae_plus", "helvae"])
 def test_resume_is_exact(key, tmp_path):
     """A run of budget 3 continued to 6 equals one that ran 6 straight (Diff-CMVAE: across its phase boundary at 2, which
     an absolute `vae_iterations` keeps where it was when the budget grows)."""

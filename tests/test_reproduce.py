@@ -75,7 +75,8 @@ def test_tiny_reproduce_produces_every_table_and_figure(tiny):
         at = next(i for i, t in enumerate(tags) if "parameters" in t)          # the tag survived nbdev-clean,
         assert "injected-parameters" in tags[at + 1], nb[0]                     # so the value given overrides the default
     index = (res / "README.md").read_text()
-    assert "| main | completed | 6 |" in index and "sha256" in index and "ok" in index and "training" in index
+    assert "| main | completed | 6 |" in index and "sha256" in index and "training" in index
+    assert all(f"[{nb[0]}](notebooks/{nb[0]}.ipynb) | ok |" in index for nb in X.NOTEBOOKS), index         # every notebook's own row says it ran
     runs = json.loads((res / "runs.json").read_text())
     assert set(runs["runs"]) == {"main", "center", "latent-independent", "inference-independent", "Kx2", "Kz1", "noise-Kx2", "noise-Kx4",
                                  *(f"baseline-{k}" for k in ("mmvae_plus", "mopoe", "mwb", "code", "helvae", "diff_cmvae")), "cub", "cub-baseline-code", "cub-baseline-diff_cmvae"}

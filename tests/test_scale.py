@@ -151,3 +151,14 @@ def test_the_gpu_session_script_dry_runs_on_cpu_and_continues_its_training(tmp_p
         names = sorted(Path(n).name for n in tar.getnames())
     assert names == ["config.yaml", "log.csv", "metrics.csv", "metrics.json", "status.json"], names
     assert run(env, "nonsense").returncode == 2
+
+
+# The one expected-failure test of the open bf16 defect (nbs/04b_scale measures it and shows its source: the
+# generator's bf16 forward of the chains' initialiser); tests/test_gpu.py has its CUDA counterpart.
+@pytest.mark.xfail(strict=True, reason="open defect (nbs/04b_scale): bf16 autocast moves the EBM update by ~1.1 relative, "
+                                       "another minibatch by ~0.25; a pass means the defect is fixed: drop this mark")
+def test_bf16_autocast_keeps_the_ebm_update_within_minibatch_noise():
+    plain = scale.switch_step()
+    err = scale.switch_errors(scale.switch_step(amp=True), plain)["update_ebm"]
+    batches = scale.switch_errors(scale.switch_step(batch_seed=1), plain)["update_ebm"]
+    assert err < batches
