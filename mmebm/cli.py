@@ -157,6 +157,9 @@ def _eval(a):
 def _reproduce(a):
     from mmebm import experiments
     if a.cub_root: os.environ[experiments.CUB_ROOT_ENV] = str(Path(a.cub_root).expanduser().resolve())
+    if a.notebooks_only:        # tables and figures again from the committed folder: no training, scoring or data
+        out = experiments.figures(a.plan or a.profile, a.results_dir)
+        return 4 if any(s["state"] == "failed" for s in out["notebooks"].values()) else 0
     out = experiments.reproduce(a.plan or a.profile, a.results_dir, progress=not a.quiet, notebooks=not a.no_notebooks,
                                 max_minutes=a.max_minutes)
     if out["incomplete"]: return 3          # call again: the unfinished runs continue from their checkpoints
@@ -223,6 +226,8 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--plan", default=None, help="a plan YAML file of your own (overrides --profile)")
     rp.add_argument("--results-dir", default=None, help="default: results/<plan name>/ in the repository")
     rp.add_argument("--no-notebooks", action="store_true", help="train, score and collect only")
+    rp.add_argument("--notebooks-only", action="store_true",
+                    help="re-execute the notebooks against the committed results/<profile>/ (no training, scoring or data; `make figures`)")
     rp.add_argument("--max-minutes", type=float, default=None,
                     help="stop training after this long (checkpointed); exit status 3 until the plan is complete")
     rp.add_argument("--cub-root", default=None, metavar="DIR",
