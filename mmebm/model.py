@@ -154,7 +154,7 @@ class frozen:
     def __exit__(self, *exc): self.module.train(self.was_training)
 
 class MMEBM(nn.Module):
-    "The multimodal EBM, the shared-latent generator and the MoE inference model, with the sampling settings of method.md."
+    "The multimodal EBM, the shared-latent generator and the MoE inference model, with the sampling settings of docs/method.md."
     def __init__(self, n_modalities: int = 5, image_size: int = 28, channels: int = 3, latent_dim: int = 64,
                  latent: str = "shared", inference: str = "moe", enc_width: int = 32, enc_hidden: int = 256,
                  enc_logvar_init: float = 0.0,

@@ -90,7 +90,7 @@ CONFIG_RULES = {
 
 @dataclass
 class Config:
-    "Every hyper-parameter and ablation switch of a run (defaults: method.md's paper settings)."
+    "Every hyper-parameter and ablation switch of a run (defaults: docs/method.md's paper settings)."
     name: str = "mmebm"
     # data: None / "offline" = the seeded offline PolyMNIST; else a published archive root or a cached folder
     data: str | None = None
@@ -108,7 +108,7 @@ class Config:
     ebm_width: int = 32
     ebm_feat: int = 128
     ebm_hidden: int = 256
-    sn_head: bool = False                  # spectral norm on the EBM head too (method.md: SN trunk, plain MLP head)
+    sn_head: bool = False                  # spectral norm on the EBM head too (docs/method.md: SN trunk, plain MLP head)
     likelihood: str = "gaussian"           # or "laplace"
     sigma: float = 0.3
     # ablation switches
