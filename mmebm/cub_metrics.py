@@ -137,17 +137,20 @@ def cub_coherence(gen: dict, test: CUBCaptions, clf: dict, n: int) -> dict:
 
 def colour_agreement(captions: torch.Tensor, test: CUBCaptions, n: int) -> dict:
     """Stand-in only: of the colour words in captions generated from the first n test images, the share naming a colour
-    the bird has (`precision`), beside chance (the mean share of a bird's distinct colours among all colours)."""
+    the bird has (`precision`, with the counts: a model naming few colours can score 1 on a handful of words), beside
+    chance (the mean share of a bird's distinct colours among all colours); and of each bird's distinct colours, the
+    share its caption names (`recall`, averaged over the captions)."""
     f = test.path / test.split / "attributes.npy"
     if not f.exists(): raise MetricUnavailable("colour agreement needs the stand-in's attribute table (the real CUB has none)")
     attrs, colours = np.load(f), list(COLOURS)
-    named = hits = 0; chance = []
+    named = hits = 0; chance, recall = [], []
     for k, ids in enumerate(captions[:n]):
         has = {colours[c] for c in attrs[k, 1:4]}
         words = [w for w in test.vocab.decode(ids).split() if w in COLOURS]
         named += len(words); hits += sum(w in has for w in words); chance.append(len(has) / len(colours))
-    return {"n": int(min(n, len(captions))), "colour_words": named, "precision": hits / named if named else None,
-            "chance": float(np.mean(chance))}
+        recall.append(len(has & set(words)) / len(has))
+    return {"n": int(min(n, len(captions))), "colour_words": named, "correct_words": hits,
+            "precision": hits / named if named else None, "recall": float(np.mean(recall)), "chance": float(np.mean(chance))}
 
 # %% ../nbs/06b_cub_metrics.ipynb #91f60668
 def cub_coherence_probe(test: CUBCaptions, clf: dict, n: int = 500):

@@ -26,7 +26,7 @@ TABLES = {
     "step_ablation": ["sweep", "value", "run", "state", "s/iteration", "FID clf uncond gen", "FID clf uncond EBM",
                       "FID clf cond gen", "coh single-source gen", "coh single-source EBM", "coh uncond gen"],
     "cost": ["model", "parameters (sampling)", "parameters (all)", "ms/sample (batch 64)", "ms (batch 1)", "train s/iteration"],
-    "cub_table": ["model", "coh image->caption", "coh caption->image", "coh joint", "caption colours (chance)", "FID clf uncond",
+    "cub_table": ["model", "coh image->caption", "coh caption->image", "coh joint", "colour precision (correct / named)", "colour recall", "colour chance", "FID clf uncond",
                   "FID clf caption->image", "FID Inception uncond", "FID Inception caption->image", "iterations", "train s"],
 }
 FIGURES = ["ebm_loss", "generator_loss", "trajectories", "step_ablation", "samples_unconditional", "samples_cross_modal",
