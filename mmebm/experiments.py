@@ -207,12 +207,17 @@ def evaluate_run(spec: RunSpec, progress: bool = True) -> dict | None:
     if old is not None:
         same = {k: old.get("settings", {}).get(k) for k in spec.evaluate} == spec.evaluate
         if same and old["provenance"]["iteration"] == status.get("iteration"):
-            if "reference" not in old and getattr(spec.cfg, "dataset", "polymnist") == "polymnist":   # scored before it was kept
-                from .train import data_path_of
+            if "reference" not in old:          # scored before the constant-label reference was kept with the scores
+                from .train import data_path_of, resolve_config
                 n = old["settings"]["n_coherence"]
-                labels = PolyMNIST(data_path_of(spec.cfg), "test").labels[:n]
-                old["reference"] = {"constant_label": metrics.constant_label_reference(labels), "n": n}
-                atomic_write(f, json.dumps(old, indent=2) + "\n")
+                if getattr(spec.cfg, "dataset", "polymnist") == "cub":
+                    from .cub import CUBCaptions
+                    test = CUBCaptions(data_path_of(resolve_config(spec.cfg)), "test")
+                    n, labels = min(n, len(test.images)), test.labels if test.has_labels else None
+                else: labels = PolyMNIST(data_path_of(spec.cfg), "test").labels
+                if labels is not None:
+                    old["reference"] = {"constant_label": metrics.constant_label_reference(labels[:n]), "n": n}
+                    atomic_write(f, json.dumps(old, indent=2) + "\n")
             return old
     score = baselines.evaluate_baseline if is_baseline(spec) else metrics.evaluate
     return score(d, progress=progress, **spec.evaluate)
