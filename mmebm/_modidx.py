@@ -516,5 +516,6 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                              'mmebm.train.sampling_throughput': ('train.html#sampling_throughput', 'mmebm/train.py'),
                              'mmebm.train.save_config': ('train.html#save_config', 'mmebm/train.py'),
                              'mmebm.train.set_rng_state': ('train.html#set_rng_state', 'mmebm/train.py'),
+                             'mmebm.train.threads_seen': ('train.html#threads_seen', 'mmebm/train.py'),
                              'mmebm.train.train': ('train.html#train', 'mmebm/train.py'),
                              'mmebm.train.upgrade_checkpoint': ('train.html#upgrade_checkpoint', 'mmebm/train.py')}}}

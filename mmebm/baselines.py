@@ -19,7 +19,7 @@ from .nets import ImageEncoder, ImageDecoder, TextEncoder, TextDecoder, Denoisin
 from .model import modality_specs
 from .train import (device_name, git_revision, resolve_device, runs_root, median_time, _atomic_torch_save,
                          resolve_config, data_path_of, dataset_of, rng_state, set_rng_state, load_checkpoint_file,
-                         cut_log, check_fields, read_config_file, ConfigError, CONFIG_RULES, one_of, _positive,
+                         cut_log, check_fields, read_config_file, ConfigError, CONFIG_RULES, one_of, _positive, threads_seen,
                          _non_negative)
 from . import metrics
 
@@ -619,7 +619,7 @@ class BaselineTrainer:
         s = {"state": state, "iteration": self.iteration, "iterations": self.total, "epochs": self.iteration / self.per_epoch,
              "wall_seconds": round(self.wall_before, 1), "device": device_name(self.device), "torch": torch.__version__,
              "revision": git_revision(), "data": {"name": man["name"], "source": man["source"], "data_sha256": man["data_sha256"]},
-             "config_hash": baseline_config_hash(self.cfg), "model": self.cfg.model} | extra
+             "config_hash": baseline_config_hash(self.cfg), "model": self.cfg.model, "threads": threads_seen(self.run_dir)} | extra
         atomic_write(self.run_dir / "status.json", json.dumps(s, indent=2) + "\n")
         return s
 

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 import yaml
 from tqdm.auto import tqdm
-from .data import PolyMNIST, polymnist_path, read_manifest, atomic_write, remove_stale_temporaries
+from .data import PolyMNIST, polymnist_path, read_manifest, atomic_write, remove_stale_temporaries, read_json
 from .cub import CUBCaptions, cub_path, Vocab, MAX_LEN
 from .nets import token_logits
 from .model import MMEBM, frozen, modality_specs
@@ -23,8 +23,8 @@ from . import scale
 __all__ = ['CONFIG_RULES', 'BUDGET_KEYS', 'LATER_FIELDS', 'PROFILES', 'MODEL_KEYS', 'LOG_COLUMNS', 'PROBE_COLUMNS', 'ConfigError',
            'check_fields', 'one_of', 'Config', 'config_hash', 'save_config', 'read_config_file', 'load_config',
            'profile', 'build_model', 'resolve_config', 'data_path_of', 'CUBModalities', 'dataset_of',
-           'build_optimisers', 'resolve_device', 'runs_root', 'git_revision', 'device_name', 'quick_checks',
-           'log_columns', 'cut_log', 'plain_rng', 'rng_state', 'set_rng_state', 'CheckpointError',
+           'build_optimisers', 'resolve_device', 'runs_root', 'git_revision', 'threads_seen', 'device_name',
+           'quick_checks', 'log_columns', 'cut_log', 'plain_rng', 'rng_state', 'set_rng_state', 'CheckpointError',
            'load_checkpoint_file', 'upgrade_checkpoint', 'Trainer', 'default_run_dir', 'train', 'plot_log',
            'median_time', 'benchmark', 'sampling_throughput', 'format_benchmark']
 
@@ -307,6 +307,12 @@ def git_revision() -> str | None:
         return rev.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "") if rev.returncode == 0 else None
     except Exception: return None
 
+def threads_seen(run_dir) -> list:
+    """The CPU thread counts of every invocation that has trained a run so far (its status keeps them): CPU reductions
+    round differently on another count, so a run repeats bit for bit only at the counts it trained at."""
+    prev = read_json(Path(run_dir) / "status.json") or {}
+    return sorted(set(prev.get("threads", [])) | {torch.get_num_threads()})
+
 def device_name(device: torch.device) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
@@ -511,7 +517,7 @@ class Trainer:
         s = {"state": state, "iteration": self.iteration, "iterations": self.total, "epochs": self.iteration / self.per_epoch,
              "wall_seconds": round(self.wall_before, 1), "device": device_name(self.device), "torch": torch.__version__,
              "revision": git_revision(), "data": {"name": man["name"], "source": man["source"], "data_sha256": man["data_sha256"]},
-             "config_hash": config_hash(self.cfg)} | extra
+             "config_hash": config_hash(self.cfg), "threads": threads_seen(self.run_dir)} | extra
         if self.ranks.group: s["ranks"] = self.ranks.world
         if self.ranks.main: atomic_write(self.run_dir / "status.json", json.dumps(s, indent=2) + "\n")
         return s

@@ -12,6 +12,7 @@ from pathlib import Path
 import nbformat
 import pandas as pd
 import pytest
+import torch
 import yaml
 
 from mmebm import experiments as X
@@ -221,3 +222,20 @@ def test_every_committed_markdown_table_has_as_many_cells_per_row_as_its_header(
                     assert len(_cells(row)) == n, f"{f.relative_to(root)}: {len(_cells(row))} cells against the header's {n}: {row[:120]}"
             block = []
     assert tables >= 10
+
+
+def test_the_committed_cpu_main_run_still_reproduces_at_head(tmp_path, monkeypatch):
+    """The committed results/cpu main run was trained at an older revision: its first iterations, trained again at HEAD,
+    give its committed log bit for bit (every column but the timings). It trained on one thread (CPU reductions
+    round differently on two), so this check does too."""
+    from mmebm.train import Config, Trainer
+    monkeypatch.setenv("MMEBM_RUNS_DIR", str(tmp_path))
+    run = Path(__file__).resolve().parent.parent / "results" / "cpu" / "runs" / "main"
+    cfg = Config(**yaml.safe_load((run / "config.yaml").read_text())).replace(iterations=3, probe_every=0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try: Trainer(cfg, tmp_path / "again").fit(progress=False)
+    finally: torch.set_num_threads(threads)
+    committed, again = pd.read_csv(run / "log.csv").head(3), pd.read_csv(tmp_path / "again" / "log.csv")
+    cols = [c for c in committed.columns if not c.startswith(("sec_", "probe_"))]
+    pd.testing.assert_frame_equal(committed[cols], again[cols], check_exact=True)
