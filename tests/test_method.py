@@ -332,3 +332,15 @@ def test_a_fresh_run_starts_its_log_afresh(tmp_path):
     Trainer(profile("tiny", iterations=4), run).fit(progress=False)
     log = pd.read_csv(run / "log.csv")
     assert list(log["iteration"]) == [1, 2, 3, 4] and "loss_G" in log.columns
+
+
+def test_committed_runs_keep_their_config_hash():
+    "Every committed run of ours hashes, at HEAD, to the hash its status recorded (fields added later stay out at their defaults)."
+    import json, yaml
+    from pathlib import Path
+    from mmebm.train import load_config
+    runs = [d for d in (Path(__file__).resolve().parent.parent / "results").glob("*/runs/*")
+            if (d / "status.json").exists() and "model" not in (yaml.safe_load((d / "config.yaml").read_text()) or {})]
+    assert len(runs) >= 10
+    for d in runs:
+        assert config_hash(load_config(d / "config.yaml")) == json.loads((d / "status.json").read_text())["config_hash"], d
