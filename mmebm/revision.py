@@ -12,7 +12,7 @@ import torch
 from .model import MMEBM, frozen
 
 # %% auto #0
-__all__ = ['ebm_loss', 'generator_loss', 'inference_loss', 'Diverged', 'check_loss', 'grad_norm', 'bound_losses',
+__all__ = ['ebm_loss', 'generator_loss', 'inference_loss', 'Diverged', 'check_loss', 'revision_step', 'grad_norm', 'bound_losses',
            'reconstruction_error', 'learning_diagnostics', 'RevisionStep']
 
 # %% ../nbs/04_revision.ipynb #09b5b02c
@@ -62,6 +62,25 @@ class Diverged(RuntimeError):
 def check_loss(name: str, value: float, limit: float | None = None):
     "Raise `Diverged(name)` if `value` is not finite or its magnitude exceeds `limit`."
     if not math.isfinite(value) or (limit is not None and abs(value) > limit): raise Diverged(name, value)
+
+# %% ../nbs/04_revision.ipynb #d00bd7f3
+def revision_step(model: MMEBM, x: Sequence[torch.Tensor], opt_E, opt_G, opt_I, lambda_S: float = 50.0,
+                  lambda_I: float = 0.1) -> dict:
+    "One iteration of learning by MCMC revision, as the algorithm reads (order G -> I -> E); returns the three losses."
+    m, x = model, list(x)
+    z = m.generator.prior(x[0].shape[0], x[0].device)          # 1. z ~ N(0, I)
+    with torch.no_grad(): x0 = m.initial_x(z)                  #    x0 = g(z)
+    x_rev = m.revise_x(x0).samples                             # 2. x~: K_x Langevin steps on the EBM
+    z_rev = m.infer(dict(enumerate(x))).samples[0]             # 3. z~: K_z steps on p(z | x), from z0 ~ q(z | x)
+    L_G = generator_loss(m, x, z_rev, z, x_rev, lambda_S)      # 4. the generator learns from z~ and x~
+    opt_G.zero_grad(); L_G.backward(); opt_G.step()
+    L_I = inference_loss(m, x, z_rev, z, x_rev, lambda_I)      # 5. the inference model learns from z~ and x~
+    opt_I.zero_grad(); L_I.backward(); opt_I.step()
+    with torch.no_grad(): x0 = m.initial_x(z)                  # 6. x~ again, from the updated generator
+    x_rev = m.revise_x(x0).samples
+    L_E = ebm_loss(m, x, x_rev, temper=True)                   # 7. the EBM: data energies down, revised samples' up
+    opt_E.zero_grad(); L_E.backward(); opt_E.step()
+    return {"loss_G": L_G.item(), "loss_I": L_I.item(), "loss_E": L_E.item()}
 
 # %% ../nbs/04_revision.ipynb #c4fdcdae
 def grad_norm(params) -> float:
