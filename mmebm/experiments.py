@@ -21,12 +21,12 @@ from . import metrics, baselines
 from .baselines import BaselineConfig, baseline_profile, baseline_config_hash, BASELINES
 
 # %% auto #0
-__all__ = ['REPRODUCE_ENV', 'PLAN_KEYS', 'CUB_KEYS', 'CUB_ROOT_ENV', 'SWEEPS', 'SMALL_FILES', 'NOTEBOOKS', 'reproduce_dir',
-           'load_plan', 'RunSpec', 'baseline_runs', 'cub_data', 'cub_runs', 'plan_runs', 'is_baseline', 'run_dir_of',
-           'hash_of', 'finished_status', 'training_probe', 'train_run', 'evaluate_run', 'sample_artefacts',
-           'cub_sample_artefacts', 'artefacts_of', 'baseline_sample_artefacts', 'collect', 'RunResults', 'run_notebook',
-           'write_index', 'update_readme', 'reproduce', 'run_notebooks', 'figures', 'lookup', 'markdown_table',
-           'save_table', 'to_signed']
+__all__ = ['REPRODUCE_ENV', 'PLAN_KEYS', 'CUB_KEYS', 'CUB_ROOT_ENV', 'SWEEPS', 'SMALL_FILES', 'NOTEBOOKS', 'LOOK_FOR',
+           'reproduce_dir', 'load_plan', 'RunSpec', 'baseline_runs', 'cub_data', 'cub_runs', 'plan_runs', 'is_baseline',
+           'run_dir_of', 'hash_of', 'finished_status', 'training_probe', 'train_run', 'evaluate_run',
+           'sample_artefacts', 'cub_sample_artefacts', 'artefacts_of', 'baseline_sample_artefacts', 'collect',
+           'RunResults', 'run_notebook', 'artefact_note', 'write_index', 'update_readme', 'reproduce', 'run_notebooks',
+           'figures', 'lookup', 'markdown_table', 'save_table', 'to_signed']
 
 # %% ../nbs/08_experiments.ipynb #b6adb82a
 REPRODUCE_ENV = "MMEBM_REPRODUCE_DIR"
@@ -389,6 +389,78 @@ def run_notebook(name: str, results_dir, kernel: str = "python3") -> dict:
 def _md_link(p: Path, base: Path) -> str:
     return f"[{p.name}]({p.relative_to(base).as_posix()})"
 
+def _f(v, digits=3) -> str:
+    return "–" if v is None else f"{v:.{digits}f}"
+
+def _reference_row(res: "RunResults", table: str, col: str) -> float | None:
+    "The constant-label reference as the table drew it (its 'reference: ...' row), for runs scored before metrics.json kept it."
+    import pandas as pd
+    f = res.dir / "tables" / f"{table}.csv"
+    if not f.exists(): return None
+    t = pd.read_csv(f); r = t[t["model"].astype(str).str.startswith("reference")]
+    return float(r[col].iloc[0]) if len(r) and col in r and pd.notna(r[col].iloc[0]) else None
+
+def _run_shows(stem: str, res: "RunResults") -> str | None:
+    "What this run's numbers say about one table or figure (read from its metrics and logs; None when they are missing)."
+    m = res.metrics("main") or {}
+    coh = lambda mm, kind: lookup(mm, "coherence", f"conditional_{kind}", "single_source_mean")
+    ref = lookup(m, "reference", "constant_label") or _reference_row(res, "main_table", "coh single-source")
+    if stem in ("main_table", "samples_cross_modal", "samples_baselines_cross") and coh(m, "generator") is not None:
+        base = {r.removeprefix("baseline-"): coh(res.metrics(r) or {}, "generator") for r in res.index["runs"] if r.startswith("baseline-")}
+        base = {k: v for k, v in base.items() if v is not None}
+        best = max(base.items(), key=lambda kv: kv[1]) if base else None
+        return (f"ours {_f(coh(m, 'generator'))} single-source (EBM-revised {_f(coh(m, 'ebm'))})"
+                + (f", best baseline {best[0]} {_f(best[1])}" if best else "") + (f"; a constant digit scores {_f(ref)}" if ref else ""))
+    if stem == "samples_unconditional" and lookup(m, "coherence", "unconditional_generator") is not None:
+        return (f"all five digits agree on {_f(lookup(m, 'coherence', 'unconditional_generator'))} of generator samples, "
+                f"{_f(lookup(m, 'coherence', 'unconditional_ebm'))} after the EBM's revision")
+    if stem in ("training_log", "training_log_cub"):
+        log = res.log("main" if stem == "training_log" else "cub")
+        if log is None or "probe_coh" not in log: return None
+        p = log.dropna(subset=["probe_coh"])
+        out = f"probe coherence {_f(p['probe_coh'].iloc[0])} at iteration {int(p['iteration'].iloc[0])} -> {_f(p['probe_coh'].iloc[-1])} at {int(p['iteration'].iloc[-1])}" if len(p) else ""
+        if "x_move" in log and len(log):
+            tail = log.iloc[-max(1, len(log) // 10):]
+            out += f"{'; ' if out else ''}the data chain moves {(tail['x_move'] / tail['x_noise_floor']).mean():.1f}x its noise floor over the last tenth"
+        return out or None
+    if stem == "cub_table":
+        c = res.metrics("cub") or {}
+        i2c, c2i = lookup(c, "coherence", "generator", "image_to_caption"), lookup(c, "coherence", "generator", "caption_to_image")
+        if i2c is None: return None
+        ref = lookup(c, "reference", "constant_label") or _reference_row(res, "cub_table", "coh image->caption")
+        return f"ours {_f(i2c)} image->caption, {_f(c2i)} caption->image" + (f"; a constant species scores {_f(ref)}" if ref else "")
+    return None
+
+# what to look for in each table and figure (the numbers beside it come from `_run_shows`)
+LOOK_FOR = {
+    "main_table": "whether our model clears the constant-digit row, and the baselines at the same budget",
+    "ebm_loss_stats": "whether the EBM's loss settles (a small spread in the second half) or drifts",
+    "generator_loss_stats": "the generator's loss with joint (MoE) against independent inference",
+    "step_ablation": "what more Langevin steps buy in FID against what they cost in seconds",
+    "trajectory_movement": "how far each chain moves samples: the data chain against its noise floor, the latent chain's drop in U",
+    "cost": "parameters and sampling time per model; the EBM's revision multiplies the cost of a sample",
+    "cub_table": "coherence in both directions against the constant-species row; caption colours against chance",
+    "training_log": "is it learning: the probe's coherence against chance, latent norms near the prior's 1, the data chain above its noise floor",
+    "training_log_cub": "the same diagnostics for the CUB run",
+    "samples_unconditional": "digits in every modality, and the same digit across a column",
+    "samples_cross_modal": "the observed digit (red) carried into every other modality",
+    "samples_baselines": "every model's unconditional samples side by side",
+    "samples_baselines_cross": "every model given the same real m0: which ones carry its digit",
+    "trajectories": "the chains from initialiser to final sample, in data space and in latent space decoded",
+    "ebm_loss": "the EBM loss with shared against independent latents, and with noise-initialised chains",
+    "generator_loss": "the generator's loss and the experts' log-variance, joint against independent inference",
+    "cub_image_to_caption": "captions that name the bird's colours", "cub_caption_to_image": "birds drawn in the captions' colours",
+    "cub_joint_samples": "image and caption of one joint sample agreeing",
+    "cub_models_image_to_caption": "every model's captions for the same images", "cub_models_caption_to_image": "every model's images for the same captions",
+}
+
+def artefact_note(stem: str, res: "RunResults") -> str:
+    "': look for ...; this run: ...' for the results index (empty when there is nothing to say)."
+    look = LOOK_FOR.get(stem)
+    try: shows = _run_shows(stem, res)
+    except Exception: shows = None          # a note never stops the index; the figure is still listed
+    return (f": look for {look}" if look else "") + (f"; this run: {shows}" if shows else "")
+
 def write_index(plan: dict, results_dir, states: dict, nb_states: dict, stages: dict, data_path) -> Path:
     "Write results_dir/README.md: provenance, runs, notebooks, artefacts."
     import mmebm
@@ -426,7 +498,7 @@ def write_index(plan: dict, results_dir, states: dict, nb_states: dict, stages: 
         lines.append(f"| {link} | {s['state']}{extra} | {s.get('seconds', '')} |")
     for kind, pattern in (("Tables", "tables/*.md"), ("Figures", "figures/*.png")):
         files = sorted(d.glob(pattern))
-        lines += ["", f"## {kind}", ""] + [f"- {_md_link(f, d)}" for f in files]
+        lines += ["", f"## {kind}", ""] + [f"- {_md_link(f, d)}" + artefact_note(f.stem, res) for f in files]
         if kind == "Figures": lines += [""] + [f"![{f.stem}]({f.relative_to(d).as_posix()})" for f in files]
     main_md = d / "tables" / "main_table.md"
     if main_md.exists(): lines += ["", "## Main table", "", main_md.read_text().strip()]
