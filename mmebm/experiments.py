@@ -235,7 +235,8 @@ def sample_artefacts(run_dir, n_grid: int = 8, n_cross: int = 4, n_traj: int = 4
     torch.manual_seed(seed)
     x, y = test.get_batch(np.arange(max(n_grid, n_cross, n_traj)))
     chain = model.trajectories(n_grid, record_every=record_every)["x"]          # g(z) -> T_x, recorded
-    cross = [_u8(model.generate({s: x[s][:n_cross].to(dev)})) for s in range(model.n_modalities)]
+    cross_x = [model.generate({s: x[s][:n_cross].to(dev)}) for s in range(model.n_modalities)]
+    cross = [_u8(c) for c in cross_x]
     tr = model.trajectories(n_traj, observed={m: x[m][:n_traj].to(dev) for m in range(model.n_modalities)},
                             record_every=record_every)
     out = Path(run_dir) / "samples.npz"
@@ -244,7 +245,10 @@ def sample_artefacts(run_dir, n_grid: int = 8, n_cross: int = 4, n_traj: int = 4
                         traj_x=np.stack([_u8([s[:n_traj] for s in st]) for st in chain.trajectory]),
                         traj_x_energy=chain.energies[:, :n_traj].cpu().numpy(), traj_x_steps=np.array(chain.steps),
                         traj_z=np.stack([_u8(d) for d in tr["z_decoded"]]), traj_z_energy=tr["z"].energies.cpu().numpy(),
-                        traj_z_steps=np.array(tr["z"].steps), iteration=t.iteration)
+                        traj_z_steps=np.array(tr["z"].steps), iteration=t.iteration,
+                        # the same conditional samples after K_x EBM steps on the missing modalities, the observed one
+                        # clamped; drawn last, so that the arrays above stay what they were before it was added
+                        cross_revised=np.stack([_u8(model.revise_x(c, observed=[s]).samples) for s, c in enumerate(cross_x)]))
     return out
 
 @torch.no_grad()
@@ -444,6 +448,7 @@ LOOK_FOR = {
     "training_log_cub": "the same diagnostics for the CUB run",
     "samples_unconditional": "digits in every modality, and the same digit across a column",
     "samples_cross_modal": "the observed digit (red) carried into every other modality",
+    "samples_cross_modal_revised": "how far the EBM's revision, the observed modality clamped, moves the conditional samples",
     "samples_baselines": "every model's unconditional samples side by side",
     "samples_baselines_cross": "every model given the same real m0: which ones carry its digit",
     "trajectories": "the chains from initialiser to final sample, in data space and in latent space decoded",
