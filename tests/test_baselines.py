@@ -1,6 +1,7 @@
-"""Baselines (nbs/07_baselines): the aggregation rules against independent computations (numerical integration,
-quantile averaging, the matrix formula), every baseline trains and its loss falls, the adapters answer the common
-interface with the right shapes and ranges, resume is exact, and (slow) minutes of training beat chance coherence."""
+"""Baselines (the package mmebm.baselines, nbs/07a-07f): the aggregation rules against independent computations
+(numerical integration, quantile averaging, the matrix formula), every baseline trains and its loss falls, the adapters
+answer the common interface with the right shapes and ranges, resume is exact, and (slow) minutes of training beat
+chance coherence."""
 import math
 import os
 
@@ -138,17 +139,17 @@ def test_resume_refuses_another_config(tmp_path):
 
 def test_the_multivae_pin_is_enforced(monkeypatch):
     import importlib.metadata
-    monkeypatch.setattr(B, "_LIB", {})
+    monkeypatch.setattr(B.library, "_LIB", {})      # the cache lives in the part that fills it
     monkeypatch.setattr(importlib.metadata, "version", lambda name: "9.9.9")
     with pytest.raises(ImportError, match="pinned to multivae==1.0.3"):
         B.multivae_lib()
 
 
 # Measured on this 2-core CPU (2026-11-26, best pair of 500 test tuples): MoPoE, MMVAE+, CoDE-VAE, HELVAE (with its
-# private latents; without them it stays at chance, see its section in nbs/07_baselines) and Diff-CMVAE's CMVAE pass
-# after 4 minutes. MWB-VAE starts later: its best pair after 1..8 minutes of training was 0.156, 0.156, 0.164, 0.184,
-# 0.290, 0.314, 0.352, 0.348 (and 0.152 or 0.202 after 4 minutes in other runs, under and over the 0.154 the test
-# needs), so it gets 7 minutes.
+# private latents; without them it stays at chance, see its section in nbs/07b_baselines_written) and Diff-CMVAE's
+# CMVAE pass after 4 minutes. MWB-VAE starts later: its best pair after 1..8 minutes of training was 0.156, 0.156,
+# 0.164, 0.184, 0.290, 0.314, 0.352, 0.348 (and 0.152 or 0.202 after 4 minutes in other runs, under and over the 0.154
+# the test needs), so it gets 7 minutes.
 MINUTES = {"mwb": 7.0}
 
 
