@@ -201,7 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--run-dir", default=None, help="where the run lives (default: $MMEBM_RUNS_DIR/<name>-<hash>)")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
     t.add_argument("--baseline", default=None, metavar="KEY",
-                   help="train a baseline instead (mmvae_plus, mopoe, mwb, code, helvae, diff_cmvae; nbs/07_baselines)")
+                   help="train a baseline instead (mmvae_plus, mopoe, mwb, code, helvae, diff_cmvae; nbs/07a-07f)")
     t.set_defaults(func=_train)
     bn = sub.add_parser("bench", help="time one training iteration and each of its parts")
     bn.add_argument("--repeats", type=int, default=3)
