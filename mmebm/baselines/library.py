@@ -16,7 +16,7 @@ from .config import BaselineConfig
 __all__ = ['MULTIVAE_VERSION', 'multivae_lib', 'LibraryBaseline']
 
 # %% ../../nbs/07c_baselines_library.ipynb #e47cf4a1
-MULTIVAE_VERSION = "1.0.3"     # the adapters follow this version's calls (pyproject.toml pins it)
+MULTIVAE_VERSION = "1.0.3"     # pyproject.toml pins the same
 _LIB = {}
 
 def multivae_lib():
