@@ -50,10 +50,10 @@ def _parse_set(pairs) -> dict:
     return out
 
 def _config(a):
-    from mmebm import train
+    from mmebm import config
     if bool(a.profile) == bool(a.config):
         raise SystemExit("mmebm: error: give exactly one of --profile NAME or --config FILE")
-    cfg = train.profile(a.profile) if a.profile else train.load_config(a.config)
+    cfg = config.profile(a.profile) if a.profile else config.load_config(a.config)
     over = _parse_set(a.set)
     for k in ("iterations", "max_minutes", "device"):
         if getattr(a, k, None) is not None: over[k] = getattr(a, k)
@@ -101,13 +101,13 @@ def _train(a):
     return 0 if status["state"] in ("completed", "stopped") else 3
 
 def _bench(a):
-    from mmebm import train
-    table = train.benchmark(_config(a), repeats=a.repeats)
-    print(train.format_benchmark(table))
+    from mmebm import bench
+    table = bench.benchmark(_config(a), repeats=a.repeats)
+    print(bench.format_benchmark(table))
     if a.out:       # the parts as CSV, every figure (with the device) as columns; the printed summary beside it
         out = Path(a.out); out.parent.mkdir(parents=True, exist_ok=True)
         table.assign(**{k: v for k, v in table.attrs.items()}).to_csv(out, index=False)
-        out.with_suffix(".txt").write_text(train.format_benchmark(table) + "\n")
+        out.with_suffix(".txt").write_text(bench.format_benchmark(table) + "\n")
         print(f"wrote {out} and {out.with_suffix('.txt')}")
     return 0
 
@@ -130,7 +130,10 @@ def _eval(a):
     if not run.is_dir(): raise FileNotFoundError(f"{run}: no such run directory")
     if not (run / "checkpoint.pt").exists():
         raise FileNotFoundError(f"{run}: no checkpoint.pt, so nothing to score (train it first: mmebm train --run-dir {run} ...)")
-    score = baselines.evaluate_baseline if _is_baseline_run(a.run) else metrics.evaluate
+    # each data set's protocol lives with it (06_metrics, 06b_cub_metrics): chosen here by the run's data set
+    from mmebm.cub_metrics import evaluate_cub
+    score = (baselines.evaluate_baseline if _is_baseline_run(a.run)
+             else evaluate_cub if metrics.dataset_of_run(a.run) == "cub" else metrics.evaluate)
     res = score(a.run, n_coherence=a.n, n_fid=a.n_fid, n_inception=a.n_inception,
                            inception_weights=a.inception_weights, inception_route=a.inception_route,
                            inception_conditional=not a.no_inception_conditional, classifiers=a.classifiers,

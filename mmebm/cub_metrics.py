@@ -16,7 +16,7 @@ from .cub import CUBCaptions, COLOURS, EOS, PAD
 from .data import read_manifest, to_signed
 from .nets import token_logits
 from .metrics import (MetricUnavailable, save_classifiers, load_classifiers, check_floor, predict, extract,
-                           frechet_distance, inception_scores, fingerprint, cached_features, kinds_of, model_device, cost_metrics,
+                           frechet_distance, inception_scores, fingerprint, cached_features, kinds_of, model_device, cost_metrics, load_run,
                            provenance, write_metrics, timed_into, constant_label_reference)
 
 # %% auto #0
@@ -182,10 +182,15 @@ def image_fid(gens: dict, test: CUBCaptions, extractor, key: str, n: int, progre
     return out
 
 # %% ../nbs/06b_cub_metrics.ipynb #c94e85b0
-def evaluate_cub(run_dir, t, n_coherence: int = 500, n_fid: int = 1000, n_inception: int = 0, inception_weights: str | None = None,
-                 inception_route: str = "auto", kinds=None, progress: bool = True) -> dict:
-    """Score a trained CUB (or stand-in) run `t` (as `metrics.evaluate` loads it) with this protocol; write metrics.json
-    and metrics.csv into the run directory. Generations are drawn once per kind and shared by the metrics."""
+def evaluate_cub(run_dir, n_coherence: int = 500, n_fid: int = 1000, n_inception: int = 0, inception_weights: str | None = None,
+                 inception_route: str = "auto", inception_conditional: bool = True, classifiers: str | None = None,
+                 subsets: str = "all", kinds=None, progress: bool = True, load=None) -> dict:
+    """Score a trained CUB (or stand-in) run with this protocol; write metrics.json and metrics.csv into the run
+    directory. The keywords are `metrics.evaluate`'s, so that a caller can choose either by the run's data set
+    (`metrics.dataset_of_run`); `inception_conditional` and `subsets` have no meaning with two modalities (caption ->
+    image is the only conditional FID). Generations are drawn once per kind and shared by the metrics."""
+    if classifiers: raise ValueError("published classifiers are PolyMNIST's; CUB runs are scored with their own")
+    t = load_run(run_dir, load)
     model = t.model.eval()
     kinds = tuple(kinds or kinds_of(model))
     test = CUBCaptions(t.data_path, "test")

@@ -16,17 +16,18 @@ import torch
 import yaml
 from tqdm.auto import tqdm
 from .data import PolyMNIST, polymnist_path, read_manifest, atomic_write, read_json
-from .train import Config, profile, train, Trainer, config_hash, device_name, git_revision, resolve_device
-from . import metrics, baselines
+from .config import Config, profile, config_hash
+from .train import train, Trainer, device_name, git_revision, resolve_device
+from . import metrics, cub_metrics, baselines
 from .baselines import BaselineConfig, baseline_profile, baseline_config_hash, BASELINES
 
 # %% auto #0
 __all__ = ['REPRODUCE_ENV', 'PLAN_KEYS', 'CUB_KEYS', 'CUB_ROOT_ENV', 'SWEEPS', 'SMALL_FILES', 'NOTEBOOKS', 'LOOK_FOR',
-           'reproduce_dir', 'load_plan', 'RunSpec', 'baseline_runs', 'cub_data', 'cub_runs', 'plan_runs', 'is_baseline',
-           'run_dir_of', 'hash_of', 'finished_status', 'training_probe', 'train_run', 'evaluate_run',
-           'sample_artefacts', 'cub_sample_artefacts', 'artefacts_of', 'baseline_sample_artefacts', 'collect',
-           'RunResults', 'run_notebook', 'artefact_note', 'write_index', 'update_readme', 'reproduce', 'run_notebooks',
-           'figures', 'lookup', 'markdown_table', 'save_table', 'to_signed']
+           'CAPTION_LINES', 'reproduce_dir', 'load_plan', 'RunSpec', 'baseline_runs', 'cub_data', 'cub_runs',
+           'plan_runs', 'is_baseline', 'run_dir_of', 'hash_of', 'finished_status', 'training_probe', 'train_run',
+           'evaluate_run', 'sample_artefacts', 'cub_sample_artefacts', 'artefacts_of', 'baseline_sample_artefacts',
+           'collect', 'RunResults', 'run_notebook', 'artefact_note', 'write_index', 'update_readme', 'reproduce',
+           'run_notebooks', 'figures', 'lookup', 'markdown_table', 'save_table', 'to_signed']
 
 # %% ../nbs/08_experiments.ipynb #b6adb82a
 REPRODUCE_ENV = "MMEBM_REPRODUCE_DIR"
@@ -154,7 +155,8 @@ def hash_of(spec: RunSpec) -> str:
 
 def finished_status(spec: RunSpec) -> dict | None:
     "The run's status when it completed with exactly this config and budget (a time budget aside), else None."
-    from mmebm.train import load_config, resolve_config
+    from mmebm.config import load_config
+    from mmebm.train import resolve_config
     d = run_dir_of(spec)
     if spec.skip or not ((d / "status.json").exists() and (d / "config.yaml").exists()): return None
     status = read_json(d / "status.json")          # None if unreadable (then the run continues from its checkpoint)
@@ -219,7 +221,9 @@ def evaluate_run(spec: RunSpec, progress: bool = True) -> dict | None:
                     old["reference"] = {"constant_label": metrics.constant_label_reference(labels[:n]), "n": n}
                     atomic_write(f, json.dumps(old, indent=2) + "\n")
             return old
-    score = baselines.evaluate_baseline if is_baseline(spec) else metrics.evaluate
+    # each data set's protocol lives with it (06_metrics, 06b_cub_metrics): chosen here by the run's data set
+    score = (baselines.evaluate_baseline if is_baseline(spec)
+             else cub_metrics.evaluate_cub if getattr(spec.cfg, "dataset", "polymnist") == "cub" else metrics.evaluate)
     return score(d, progress=progress, **spec.evaluate)
 
 # %% ../nbs/08_experiments.ipynb #d82a81e7
@@ -354,6 +358,20 @@ class RunResults:
         p = self.path(role, "samples.npz")
         return dict(np.load(p)) if p is not None else None
 
+    def provenance(self, roles) -> str:
+        """One line: the code revisions the runs were trained at (their status.json) and scored at (metrics.json),
+        so that a reader sees at once whether a table mixes revisions."""
+        def revs(name, field):
+            seen = {}
+            for role in roles:
+                p = self.path(role, name)
+                d = read_json(p) if p is not None else None
+                rev = field(d) if isinstance(d, dict) else None
+                if rev: seen.setdefault(rev, []).append(role)
+            return "; ".join(f"{r} ({', '.join(rs)})" if len(seen) > 1 else r for r, rs in seen.items()) or "–"
+        return (f"Trained at revision {revs('status.json', lambda d: d.get('revision'))}, "
+                f"scored at {revs('metrics.json', lambda d: (d.get('provenance') or {}).get('revision'))}.")
+
 # %% ../nbs/08_experiments.ipynb #eb2b61a4
 NOTEBOOKS = (      # (notebook in reproduce/, the roles it cannot do without)
     ("01_main_table", ("main",)),
@@ -410,11 +428,17 @@ def _run_shows(stem: str, res: "RunResults") -> str | None:
     coh = lambda mm, kind: lookup(mm, "coherence", f"conditional_{kind}", "single_source_mean")
     ref = lookup(m, "reference", "constant_label") or _reference_row(res, "main_table", "coh single-source")
     if stem in ("main_table", "samples_cross_modal", "samples_baselines_cross") and coh(m, "generator") is not None:
-        base = {r.removeprefix("baseline-"): coh(res.metrics(r) or {}, "generator") for r in res.index["runs"] if r.startswith("baseline-")}
-        base = {k: v for k, v in base.items() if v is not None}
-        best = max(base.items(), key=lambda kv: kv[1]) if base else None
+        def best(wallclock: bool):
+            "The best baseline at the same epochs (or, where the plan has them, at the same wall clock)."
+            base = {r.removeprefix("baseline-").removesuffix("-wallclock"): coh(res.metrics(r) or {}, "generator")
+                    for r in res.index["runs"] if r.startswith("baseline-") and r.endswith("-wallclock") == wallclock}
+            base = {k: v for k, v in base.items() if v is not None}
+            return max(base.items(), key=lambda kv: kv[1]) if base else None
+        same, wall = best(False), best(True)
         return (f"ours {_f(coh(m, 'generator'))} single-source (EBM-revised {_f(coh(m, 'ebm'))})"
-                + (f", best baseline {best[0]} {_f(best[1])}" if best else "") + (f"; a constant digit scores {_f(ref)}" if ref else ""))
+                + (f", best baseline {same[0]} {_f(same[1])}" if same else "")
+                + (f" (at the same wall clock {wall[0]} {_f(wall[1])})" if wall else "")
+                + (f"; a constant digit scores {_f(ref)}" if ref else ""))
     if stem == "samples_unconditional" and lookup(m, "coherence", "unconditional_generator") is not None:
         return (f"all five digits agree on {_f(lookup(m, 'coherence', 'unconditional_generator'))} of generator samples, "
                 f"{_f(lookup(m, 'coherence', 'unconditional_ebm'))} after the EBM's revision")
@@ -503,7 +527,11 @@ def write_index(plan: dict, results_dir, states: dict, nb_states: dict, stages: 
         lines.append(f"| {link} | {s['state']}{extra} | {s.get('seconds', '')} |")
     for kind, pattern in (("Tables", "tables/*.md"), ("Figures", "figures/*.png")):
         files = sorted(d.glob(pattern))
-        lines += ["", f"## {kind}", ""] + [f"- {_md_link(f, d)}" + artefact_note(f.stem, res) for f in files]
+        lines += ["", f"## {kind}", ""]
+        for f in files:
+            lines.append(f"- {_md_link(f, d)}" + artefact_note(f.stem, res))
+            notes = f.with_suffix(".notes.txt")        # how to read a table: under its entry, indented into the list item
+            if notes.exists(): lines += [""] + ["  " + l if l else "" for l in notes.read_text().strip().splitlines()] + [""]
         if kind == "Figures": lines += [""] + [f"![{f.stem}]({f.relative_to(d).as_posix()})" for f in files]
     main_md = d / "tables" / "main_table.md"
     if main_md.exists(): lines += ["", "## Main table", "", main_md.read_text().strip()]
@@ -651,11 +679,20 @@ def markdown_table(df, digits: dict | None = None, missing: str = "–") -> str:
     body = ["| " + " | ".join(cell(c, v) for c, v in zip(df.columns, row)) + " |" for row in df.itertuples(index=False)]
     return "\n".join([head, rule, *body])
 
-def save_table(df, results_dir, name: str, digits: dict | None = None, caption: str = "") -> Path:
-    "Write results_dir/tables/<name>.csv and .md (markdown with the caption under the table); return the .md path."
+CAPTION_LINES = 3      # a caption says what the table is and where it comes from; the rest goes into `notes`
+
+def save_table(df, results_dir, name: str, digits: dict | None = None, caption: str = "", notes: str = "") -> Path:
+    """Write results_dir/tables/<name>.csv and .md (markdown with a caption of at most three lines under the table);
+    `notes` (how to read it: definitions, settings, caveats) go to <name>.notes.txt, which the results README prints
+    under the table's entry. Returns the .md path."""
+    caption = caption.strip()
+    if caption.count("\n") >= CAPTION_LINES:
+        raise ValueError(f"the caption of {name} has {caption.count(chr(10)) + 1} lines (at most {CAPTION_LINES}): move the rest into notes")
     d = Path(results_dir) / "tables"; d.mkdir(parents=True, exist_ok=True)
     df.to_csv(d / f"{name}.csv", index=False)
-    (d / f"{name}.md").write_text(markdown_table(df, digits) + ("\n\n" + caption.strip() if caption else "") + "\n")
+    (d / f"{name}.md").write_text(markdown_table(df, digits) + ("\n\n" + caption if caption else "") + "\n")
+    if notes.strip(): (d / f"{name}.notes.txt").write_text(notes.strip() + "\n")
+    else: (d / f"{name}.notes.txt").unlink(missing_ok=True)
     return d / f"{name}.md"
 
 def to_signed(a: np.ndarray) -> torch.Tensor:

@@ -25,7 +25,7 @@ __all__ = ['ACCURACY_FLOOR', 'CLASSIFIER_VERSION', 'PUBLISHED_CLASSIFIER_FILE', 
            'inception_extractor', 'to_uint8', 'extract', 'frechet_distance', 'fingerprint', 'real_features',
            'cached_features', 'sample_many', 'parameter_counts', 'generation_latency', 'revision_of', 'kinds_of',
            'classifier_set', 'coherence_metrics', 'conditional_samples', 'fid_metrics', 'cost_metrics', 'provenance',
-           'timed_into', 'inception_scores', 'write_metrics', 'evaluate']
+           'timed_into', 'inception_scores', 'write_metrics', 'dataset_of_run', 'load_run', 'evaluate']
 
 # %% ../nbs/06_metrics.ipynb #28dc7c58
 class MetricUnavailable(RuntimeError):
@@ -417,7 +417,7 @@ def parameter_counts(model) -> dict:
 def generation_latency(model, n: int = 64, repeats: int = 3) -> dict:
     """Seconds per sample at batch n and batch 1: generator only, and generator + the model's second stage when it has
     one (`revision_of`: our EBM's Langevin kernel, a baseline's diffusion refiner)."""
-    from mmebm.train import median_time
+    from mmebm.bench import median_time
     dev = next(model.parameters()).device
     timed = lambda fn: median_time(fn, repeats, 1, dev)
     out = {}
@@ -542,22 +542,31 @@ def write_metrics(run_dir, res: dict) -> dict:
     pd.DataFrame(list(_flatten(res)), columns=["metric", "value"]).to_csv(Path(run_dir) / "metrics.csv", index=False)
     return res
 
+def dataset_of_run(run_dir) -> str:
+    "The data set a run directory trained on (its config.yaml's `dataset`; runs from before CUB: polymnist)."
+    import yaml
+    f = Path(run_dir) / "config.yaml"
+    if not f.exists(): raise FileNotFoundError(f"{run_dir}: no config.yaml, so not a run directory")
+    return (yaml.safe_load(f.read_text()) or {}).get("dataset") or "polymnist"
+
+def load_run(run_dir, load=None):
+    "The trained run behind a run directory: `load(run_dir)` (a baseline's loader) or, by default, ours (`Trainer.resume`)."
+    from mmebm.train import Trainer
+    return (load or Trainer.resume)(Path(run_dir))
+
 def evaluate(run_dir, n_coherence: int = 500, n_fid: int = 1000, n_inception: int = 0, inception_weights: str | None = None,
              inception_route: str = "auto", inception_conditional: bool = True, classifiers: str | None = None,
              subsets: str = "all", kinds=None, progress: bool = True, load=None) -> dict:
-    """Score a trained run with the common protocol; write metrics.json and metrics.csv into the run directory.
+    """Score a trained PolyMNIST run with the common protocol; write metrics.json and metrics.csv into the run directory.
     n_inception=0 skips Inception FID (recorded as not requested); `classifiers` names the published ones.
     `load(run_dir)` gives the trained run (default: ours, `Trainer.resume`; the baselines pass their own): anything
     with `model`, `cfg` (name, seed), `iteration`, `per_epoch`, `wall_before` and `data_path`. `kinds` defaults to
     `kinds_of(model)`."""
-    from mmebm.train import Trainer
     run_dir = Path(run_dir)
-    t = (load or Trainer.resume)(run_dir)
-    if getattr(t.cfg, "dataset", "polymnist") == "cub":      # an image and a caption: its own classifiers and FID (06b)
-        if classifiers: raise ValueError("published classifiers are PolyMNIST's; CUB runs are scored with their own")
-        from mmebm.cub_metrics import evaluate_cub
-        return evaluate_cub(run_dir, t, n_coherence=n_coherence, n_fid=n_fid, n_inception=n_inception, inception_weights=inception_weights,
-                            inception_route=inception_route, kinds=kinds, progress=progress)
+    t = load_run(run_dir, load)
+    if getattr(t.cfg, "dataset", "polymnist") != "polymnist":     # each data set's scoring lives with it: the caller chooses
+        raise ValueError(f"{run_dir} is a {t.cfg.dataset} run: score it with that data set's evaluate "
+                         "(mmebm.cub_metrics.evaluate_cub; `mmebm eval` chooses by itself)")
     model = t.model.eval()
     kinds = tuple(kinds or kinds_of(model))
     test = PolyMNIST(t.data_path, "test")

@@ -8,6 +8,8 @@ import pytest
 import torch
 
 from mmebm import cub as C
+from mmebm.config import profile
+from mmebm.cub_metrics import evaluate_cub
 from mmebm.data import DataError
 
 
@@ -97,7 +99,7 @@ def test_cub_training_resolves_modalities_and_resumes_exactly(tmp_path, monkeypa
     "The trainer on the stand-in: an image and caption logits, modalities from the vocabulary, exact resume."
     from mmebm import train as T
     monkeypatch.setenv("MMEBM_RUNS_DIR", str(tmp_path / "runs"))
-    cfg = T.profile("cub-tiny", data_limit=48, iterations=4)
+    cfg = profile("cub-tiny", data_limit=48, iterations=4)
     _, straight = T.train(cfg, tmp_path / "straight", progress=False)
     T.train(cfg.replace(iterations=2), tmp_path / "halves", progress=False)
     t, halves = T.train(cfg, tmp_path / "halves", progress=False)
@@ -117,7 +119,7 @@ def test_minutes_on_the_standin_give_captions_that_name_the_image_colours(tmp_pa
     has more often than a random colour word would (chance: the share of a bird's distinct colours among the 8)."""
     from mmebm import train as T
     monkeypatch.setenv("MMEBM_RUNS_DIR", str(tmp_path / "runs"))
-    t, status = T.train(T.profile("cub-smoke", iterations=100000, max_minutes=4.0), progress=False)
+    t, status = T.train(profile("cub-smoke", iterations=100000, max_minutes=4.0), progress=False)
     assert status["state"] == "stopped"
     from mmebm.cub_metrics import cub_generations, colour_agreement
     test = C.CUBCaptions(t.data_path, "test")
@@ -135,7 +137,7 @@ def test_mmebm_eval_scores_a_cub_run_with_its_own_protocol(tmp_path, monkeypatch
     from pathlib import Path
     from mmebm import train as T, metrics
     monkeypatch.setenv("MMEBM_DATA_DIR", str(tmp_path / "data"))
-    T.train(T.profile("cub-tiny", data_limit=320, iterations=2), tmp_path / "run", progress=False)
+    T.train(profile("cub-tiny", data_limit=320, iterations=2), tmp_path / "run", progress=False)
     exe = str(Path(sys.executable).with_name("mmebm"))
     r = subprocess.run([exe, "eval", str(tmp_path / "run"), "--n", "16", "--n-fid", "16", "--n-inception", "0", "--quiet"],
                        capture_output=True, text=True, env=os.environ | {"MMEBM_DATA_DIR": str(tmp_path / "data")}, timeout=600)
@@ -146,7 +148,9 @@ def test_mmebm_eval_scores_a_cub_run_with_its_own_protocol(tmp_path, monkeypatch
     assert res["classifiers"]["accuracy"]["image"] >= 0.8 and set(res["coherence"]) == {"generator", "ebm"}
     assert 0 <= res["coherence"]["ebm"]["caption_to_image"] <= 1 and res["fid_classifier"]["n"] == 16
     with pytest.raises(ValueError, match="PolyMNIST"):
-        metrics.evaluate(tmp_path / "run", classifiers="/nowhere", progress=False)
+        evaluate_cub(tmp_path / "run", classifiers="/nowhere", progress=False)
+    with pytest.raises(ValueError, match="evaluate_cub"):          # PolyMNIST's protocol refuses a CUB run
+        metrics.evaluate(tmp_path / "run", progress=False)
 
 
 def test_an_mscoco_tree_trains_and_is_scored_without_labels(tmp_path, monkeypatch):
@@ -155,9 +159,9 @@ def test_an_mscoco_tree_trains_and_is_scored_without_labels(tmp_path, monkeypatc
     from mmebm import train as T, metrics
     monkeypatch.setenv("MMEBM_DATA_DIR", str(tmp_path / "data"))
     root = C.write_coco_fixture(tmp_path / "coco", {"train": 20, "test": 9})
-    t, status = T.train(T.profile("cub-tiny", data=str(root), iterations=2), tmp_path / "run", progress=False)
+    t, status = T.train(profile("cub-tiny", data=str(root), iterations=2), tmp_path / "run", progress=False)
     assert status["state"] == "completed" and status["data"]["source"] == "mscoco" and t.train_ds.pairs.per_image == 5
-    res = metrics.evaluate(tmp_path / "run", n_coherence=8, n_fid=8, progress=False)
+    res = evaluate_cub(tmp_path / "run", n_coherence=8, n_fid=8, progress=False)
     assert "no class labels" in res["coherence"]["unavailable"] and "no class labels" in res["fid_classifier"]["unavailable"]
     assert "attribute table" in res["caption_colours"]["unavailable"]
-    assert T.profile("coco-paper").latent_dim == 128
+    assert profile("coco-paper").latent_dim == 128

@@ -1,6 +1,6 @@
 """Does the method learn? A short CPU run must generate the right digit from a single modality far more often than
 a model that always emits one digit. A test that passes when the model learns nothing is a defect: this one was
-seen to fail on the settings the smoke profile used before the `cpu` profile existed (see nbs/05_train)."""
+seen to fail on the settings the smoke profile used before the `cpu` profile existed (see nbs/05a_config)."""
 import os
 
 import numpy as np
@@ -9,7 +9,8 @@ import torch
 
 from mmebm.data import PolyMNIST
 from mmebm.metrics import coherence_probe, constant_label_reference, get_classifiers
-from mmebm.train import Trainer, data_path_of, profile
+from mmebm.config import profile
+from mmebm.train import Trainer, data_path_of
 
 N_TEST = 500                  # test tuples scored
 MARGIN = 0.05                 # how far above the constant-digit reference the run must be
@@ -18,7 +19,7 @@ MARGIN = 0.05                 # how far above the constant-digit reference the r
 # (diagnostics off: they change nothing an iteration computes, see tests/test_method.py, and cost a few percent)
 LEARN = dict(batch_size=32, iterations=400, probe_every=0, diagnostics=False)
 # `MMEBM_LEARN_PROFILE=smoke pytest tests/test_learning.py` runs the same check on another profile's settings (the smoke
-# profile's fail it: see nbs/05_train)
+# profile's fail it: see nbs/05a_config)
 PROFILE = os.environ.get("MMEBM_LEARN_PROFILE", "cpu")
 
 

@@ -11,7 +11,9 @@ import torch
 from mmebm.langevin import langevin_x, langevin_z, temperature
 from mmebm.model import MMEBM
 from mmebm.revision import RevisionStep, ebm_loss, generator_loss, inference_loss, grad_norm
-from mmebm.train import Config, Trainer, profile, train, quick_checks, benchmark, config_hash
+from mmebm.config import Config, profile, config_hash
+from mmebm.train import Trainer, train, quick_checks
+from mmebm.bench import benchmark
 from mmebm.data import PolyMNIST
 
 TINY = dict(latent_dim=8, enc_width=4, enc_hidden=16, dec_width=4, ebm_width=4, ebm_feat=8, ebm_hidden=16, K_x=3, K_z=2)
@@ -338,7 +340,7 @@ def test_committed_runs_keep_their_config_hash():
     "Every committed run of ours hashes, at HEAD, to the hash its status recorded (fields added later stay out at their defaults)."
     import json, yaml
     from pathlib import Path
-    from mmebm.train import load_config
+    from mmebm.config import load_config
     runs = [d for d in (Path(__file__).resolve().parent.parent / "results").glob("*/runs/*")
             if (d / "status.json").exists() and "model" not in (yaml.safe_load((d / "config.yaml").read_text()) or {})]
     assert len(runs) >= 10

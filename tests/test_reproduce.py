@@ -224,11 +224,23 @@ def test_every_committed_markdown_table_has_as_many_cells_per_row_as_its_header(
     assert tables >= 10
 
 
+def test_every_committed_table_has_a_short_caption_with_its_provenance():
+    "A caption of at most three lines under each results table, naming the revisions its runs trained and scored at."
+    root = Path(__file__).resolve().parent.parent
+    files = sorted((root / "results").glob("*/tables/*.md"))
+    assert files
+    for f in files:
+        caption = f.read_text().split("\n\n", 1)[1].strip() if "\n\n" in f.read_text() else ""
+        assert 1 <= len(caption.splitlines()) <= 3, (f.relative_to(root), caption[:200])
+        assert "Trained at revision" in caption and "scored at" in caption, (f.relative_to(root), caption[:300])
+
+
 def test_the_committed_cpu_main_run_still_reproduces_at_head(tmp_path, monkeypatch):
     """The committed results/cpu main run was trained at an older revision: its first iterations, trained again at HEAD,
     give its committed log bit for bit (every column but the timings). It trained on one thread (CPU reductions
     round differently on two), so this check does too."""
-    from mmebm.train import Config, Trainer
+    from mmebm.config import Config
+    from mmebm.train import Trainer
     monkeypatch.setenv("MMEBM_RUNS_DIR", str(tmp_path))
     run = Path(__file__).resolve().parent.parent / "results" / "cpu" / "runs" / "main"
     cfg = Config(**yaml.safe_load((run / "config.yaml").read_text())).replace(iterations=3, probe_every=0)

@@ -9,7 +9,7 @@ import dataclasses, hashlib, json
 from dataclasses import dataclass, asdict
 import yaml
 from ..data import atomic_write
-from ..train import (check_fields, read_config_file, ConfigError, CONFIG_RULES, one_of, _positive, _non_negative)
+from ..config import check_fields, read_config_file, ConfigError, CONFIG_RULES, one_of, _positive, _non_negative
 
 # %% auto #0
 __all__ = ['BASELINES', 'BASELINE_RULES', 'BASELINE_BUDGET_KEYS', 'BASELINE_LATER_FIELDS', 'BASELINE_PROFILES', 'MODEL_SETTINGS',

@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 from ..data import read_manifest, atomic_write, remove_stale_temporaries
 from ..train import (device_name, git_revision, resolve_device, runs_root, _atomic_torch_save, resolve_config,
                          data_path_of, dataset_of, rng_state, set_rng_state, load_checkpoint_file, cut_log, threads_seen)
-from .. import metrics
+from .. import metrics, cub_metrics
 from .config import (BASELINES, BASELINE_BUDGET_KEYS, BaselineConfig, baseline_config_hash,
                                     save_baseline_config, load_baseline_config)
 from .written import HELVAE, MWBVAE, CoDEVAE
@@ -154,5 +154,7 @@ def train_baseline(cfg: BaselineConfig, run_dir=None, resume: bool = True, progr
     return t, t.fit(progress)
 
 def evaluate_baseline(run_dir, **settings) -> dict:
-    "Score a baseline run with the common protocol (`mmebm.metrics.evaluate`, the baseline's loader)."
-    return metrics.evaluate(run_dir, load=BaselineTrainer.resume, **settings)
+    """Score a baseline run with its data set's protocol (`mmebm.metrics.evaluate`, or `mmebm.cub_metrics.evaluate_cub`
+    for a CUB run), with the baseline's loader."""
+    score = cub_metrics.evaluate_cub if metrics.dataset_of_run(run_dir) == "cub" else metrics.evaluate
+    return score(run_dir, load=BaselineTrainer.resume, **settings)
