@@ -13,8 +13,8 @@ from .model import modality_specs
 from .revision import RevisionStep
 from . import scale
 from .config import Config, profile
-from .train import (resolve_config, dataset_of, data_path_of, resolve_device, build_model, build_optimisers,
-                         device_name)
+from .datasets import dataset_for, resolve_config
+from .train import resolve_device, build_model, build_optimisers, device_name
 
 # %% auto #0
 __all__ = ['median_time', 'benchmark', 'sampling_throughput', 'format_benchmark']
@@ -33,11 +33,11 @@ def benchmark(cfg: Config, repeats: int = 3, warmup: int = 1, refiner_steps: int
     """A table (pandas) of median seconds per part of one training iteration, and the whole-to-parts ratio, on the
     config's fast-path switches (amp, channels_last, compile: compare a run with them against one without). The
     batch is random data of the config's modalities (CUB: an image and caption logits, the vocabulary read from the
-    data, which is built or imported first); an epoch is PolyMNIST's 60,000 tuples or the CUB split's pairs."""
+    data, which is built or imported first); an epoch is the data set's `epoch_size` (PolyMNIST's 60,000 tuples, the CUB split's pairs)."""
     import pandas as pd
     from mmebm.revision import generator_loss, inference_loss, ebm_loss
     cfg = resolve_config(cfg)
-    epoch = 60000 if cfg.dataset == "polymnist" else len(dataset_of(cfg, data_path_of(cfg), "train"))
+    epoch = dataset_for(cfg).epoch_size(cfg)
     device = resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)
     model = scale.fast_path(build_model(cfg).to(device), cfg.channels_last, cfg.compile)

@@ -125,20 +125,20 @@ def _print_cub(res: dict, run) -> int:
     return 0
 
 def _eval(a):
-    from mmebm import metrics, baselines
+    from mmebm import baselines
+    from mmebm.protocols import protocol_of_run
     run = Path(a.run)
     if not run.is_dir(): raise FileNotFoundError(f"{run}: no such run directory")
     if not (run / "checkpoint.pt").exists():
         raise FileNotFoundError(f"{run}: no checkpoint.pt, so nothing to score (train it first: mmebm train --run-dir {run} ...)")
-    # each data set's protocol lives with it (06_metrics, 06b_cub_metrics): chosen here by the run's data set
-    from mmebm.cub_metrics import evaluate_cub
-    score = (baselines.evaluate_baseline if _is_baseline_run(a.run)
-             else evaluate_cub if metrics.dataset_of_run(a.run) == "cub" else metrics.evaluate)
+    # each data set's protocol lives with it (06_metrics, 06b_cub_metrics): chosen by the run's data set (06c_protocols)
+    protocol = protocol_of_run(a.run)
+    score = baselines.evaluate_baseline if _is_baseline_run(a.run) else protocol.evaluate
     res = score(a.run, n_coherence=a.n, n_fid=a.n_fid, n_inception=a.n_inception,
                            inception_weights=a.inception_weights, inception_route=a.inception_route,
                            inception_conditional=not a.no_inception_conditional, classifiers=a.classifiers,
                            subsets=a.subsets, progress=not a.quiet)
-    if "caption_colours" in res: return _print_cub(res, a.run)          # a CUB run (06b_cub_metrics)
+    if protocol.name == "image_caption": return _print_cub(res, a.run)          # a CUB run (06b_cub_metrics)
     acc = ", ".join(f"{k} {v:.4f}" for k, v in res["classifiers"]["accuracy"].items())
     print(f"classifiers: {res['classifiers']['which']}; test accuracy: {acc}")
     coh = res["coherence"]

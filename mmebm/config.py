@@ -10,6 +10,7 @@ from dataclasses import dataclass, asdict
 from pathlib import Path
 import yaml
 from .data import atomic_write
+from .datasets import DATASETS       # the data sets a config may name (00c_datasets)
 
 # %% auto #0
 __all__ = ['CONFIG_RULES', 'BUDGET_KEYS', 'LATER_FIELDS', 'PROFILES', 'ConfigError', 'check_fields', 'one_of', 'Config',
@@ -71,7 +72,7 @@ CONFIG_RULES = {
     "betas": (_betas, "two numbers in [0, 1)"), "betas_E": (_betas, "two numbers in [0, 1), or null"),
     "likelihood": one_of("gaussian", "laplace"), "latent": one_of("shared", "independent"),
     "inference": one_of("moe", "independent"), "ebm_init": one_of("generator", "noise"),
-    "moe_init": one_of("random_expert", "stratified"), "dataset": one_of("polymnist", "cub"),
+    "moe_init": one_of("random_expert", "stratified"), "dataset": one_of(*DATASETS),
     "device": (lambda v: v in ("auto", "cpu") or v.startswith("cuda"), "auto, cpu or cuda[:N]"),
 }
 

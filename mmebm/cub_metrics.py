@@ -187,7 +187,7 @@ def evaluate_cub(run_dir, n_coherence: int = 500, n_fid: int = 1000, n_inception
                  subsets: str = "all", kinds=None, progress: bool = True, load=None) -> dict:
     """Score a trained CUB (or stand-in) run with this protocol; write metrics.json and metrics.csv into the run
     directory. The keywords are `metrics.evaluate`'s, so that a caller can choose either by the run's data set
-    (`metrics.dataset_of_run`); `inception_conditional` and `subsets` have no meaning with two modalities (caption ->
+    (`protocols.protocol_of_run`); `inception_conditional` and `subsets` have no meaning with two modalities (caption ->
     image is the only conditional FID). Generations are drawn once per kind and shared by the metrics."""
     if classifiers: raise ValueError("published classifiers are PolyMNIST's; CUB runs are scored with their own")
     t = load_run(run_dir, load)

@@ -17,8 +17,10 @@ import yaml
 from tqdm.auto import tqdm
 from .data import PolyMNIST, polymnist_path, read_manifest, atomic_write, read_json
 from .config import Config, profile, config_hash
+from .datasets import dataset_for, resolve_config, data_path_of
+from .protocols import protocol_of
 from .train import train, Trainer, device_name, git_revision, resolve_device
-from . import metrics, cub_metrics, baselines
+from . import metrics, baselines
 from .baselines import BaselineConfig, baseline_profile, baseline_config_hash, BASELINES
 
 # %% auto #0
@@ -156,7 +158,6 @@ def hash_of(spec: RunSpec) -> str:
 def finished_status(spec: RunSpec) -> dict | None:
     "The run's status when it completed with exactly this config and budget (a time budget aside), else None."
     from mmebm.config import load_config
-    from mmebm.train import resolve_config
     d = run_dir_of(spec)
     if spec.skip or not ((d / "status.json").exists() and (d / "config.yaml").exists()): return None
     status = read_json(d / "status.json")          # None if unreadable (then the run continues from its checkpoint)
@@ -169,19 +170,13 @@ def finished_status(spec: RunSpec) -> dict | None:
     return status if status.get("state") == "completed" and same else None
 
 def training_probe(cfg: Config, n: int = 500):
-    """The coherence probe a run of ours logs every `probe_every` iterations (None when it logs none): PolyMNIST's
-    `metrics.coherence_probe` or CUB's `cub_metrics.cub_coherence_probe` on the first n test tuples."""
+    """The coherence probe a run of ours logs every `probe_every` iterations (None when it logs none): its data set's
+    protocol's probe (`protocols.Protocol.probe`: PolyMNIST's `metrics.coherence_probe` or CUB's
+    `cub_metrics.cub_coherence_probe`) on the first n test tuples."""
     if not cfg.probe_every: return None
-    from .train import resolve_config, data_path_of
-    cfg = resolve_config(cfg); path = data_path_of(cfg)
+    cfg = resolve_config(cfg)
     try:
-        if cfg.dataset == "cub":
-            from .cub import CUBCaptions
-            from .cub_metrics import cub_coherence_probe, get_cub_classifiers, CUB_ACCURACY_FLOOR
-            clf = get_cub_classifiers(path, progress=False)
-            metrics.check_floor(clf, CUB_ACCURACY_FLOOR)
-            return cub_coherence_probe(CUBCaptions(path, "test"), clf, n)
-        return metrics.coherence_probe(PolyMNIST(path, "test"), metrics.get_classifiers(path, progress=False), n)
+        return protocol_of(cfg).probe(data_path_of(cfg), n)
     except metrics.MetricUnavailable as e:     # a reduced build's classifiers: train on, without the probe
         print(f"coherence probe off: {e}")
         return None
@@ -210,20 +205,14 @@ def evaluate_run(spec: RunSpec, progress: bool = True) -> dict | None:
         same = {k: old.get("settings", {}).get(k) for k in spec.evaluate} == spec.evaluate
         if same and old["provenance"]["iteration"] == status.get("iteration"):
             if "reference" not in old:          # scored before the constant-label reference was kept with the scores
-                from .train import data_path_of, resolve_config
-                n = old["settings"]["n_coherence"]
-                if getattr(spec.cfg, "dataset", "polymnist") == "cub":
-                    from .cub import CUBCaptions
-                    test = CUBCaptions(data_path_of(resolve_config(spec.cfg)), "test")
-                    n, labels = min(n, len(test.images)), test.labels if test.has_labels else None
-                else: labels = PolyMNIST(data_path_of(spec.cfg), "test").labels
+                labels = dataset_for(spec.cfg).test_labels(data_path_of(spec.cfg))
                 if labels is not None:
+                    n = min(old["settings"]["n_coherence"], len(labels))
                     old["reference"] = {"constant_label": metrics.constant_label_reference(labels[:n]), "n": n}
                     atomic_write(f, json.dumps(old, indent=2) + "\n")
             return old
-    # each data set's protocol lives with it (06_metrics, 06b_cub_metrics): chosen here by the run's data set
-    score = (baselines.evaluate_baseline if is_baseline(spec)
-             else cub_metrics.evaluate_cub if getattr(spec.cfg, "dataset", "polymnist") == "cub" else metrics.evaluate)
+    # each data set's protocol lives with it (06_metrics, 06b_cub_metrics): `protocol_of` chooses (06c_protocols)
+    score = baselines.evaluate_baseline if is_baseline(spec) else protocol_of(spec.cfg).evaluate
     return score(d, progress=progress, **spec.evaluate)
 
 # %% ../nbs/08_experiments.ipynb #d82a81e7
@@ -279,10 +268,11 @@ def cub_sample_artefacts(run_dir, n_grid: int = 8, seed: int = 0, load=Trainer.r
     return Path(run_dir) / "samples.npz"
 
 def artefacts_of(spec: RunSpec):
-    "The sample writer for a run: ours or a baseline's, on PolyMNIST or CUB."
-    if spec.cfg.dataset == "cub":
-        return partial(cub_sample_artefacts, load=baselines.BaselineTrainer.resume) if is_baseline(spec) else cub_sample_artefacts
-    return baseline_sample_artefacts if is_baseline(spec) else sample_artefacts
+    "The sample writer for a run: ours or a baseline's, by its data set's protocol (PolyMNIST's or image-caption)."
+    writers = {"polymnist": (sample_artefacts, baseline_sample_artefacts),        # (ours, a baseline's)
+               "image_caption": (cub_sample_artefacts, partial(cub_sample_artefacts, load=baselines.BaselineTrainer.resume))}
+    ours, baseline = writers[dataset_for(spec.cfg).protocol]
+    return baseline if is_baseline(spec) else ours
 
 @torch.no_grad()
 def baseline_sample_artefacts(run_dir, n_grid: int = 8, n_cross: int = 4, seed: int = 0, **unused) -> Path:

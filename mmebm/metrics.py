@@ -14,6 +14,7 @@ from torch import nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 from .data import PolyMNIST, read_manifest, to_unit, sha256_file, atomic_write, read_json
+from .datasets import dataset_for
 
 # %% auto #0
 __all__ = ['ACCURACY_FLOOR', 'CLASSIFIER_VERSION', 'PUBLISHED_CLASSIFIER_FILE', 'INCEPTION_ENV', 'FID_HELPER_SHA256',
@@ -25,7 +26,7 @@ __all__ = ['ACCURACY_FLOOR', 'CLASSIFIER_VERSION', 'PUBLISHED_CLASSIFIER_FILE', 
            'inception_extractor', 'to_uint8', 'extract', 'frechet_distance', 'fingerprint', 'real_features',
            'cached_features', 'sample_many', 'parameter_counts', 'generation_latency', 'revision_of', 'kinds_of',
            'classifier_set', 'coherence_metrics', 'conditional_samples', 'fid_metrics', 'cost_metrics', 'provenance',
-           'timed_into', 'inception_scores', 'write_metrics', 'dataset_of_run', 'load_run', 'evaluate']
+           'timed_into', 'inception_scores', 'write_metrics', 'load_run', 'evaluate']
 
 # %% ../nbs/06_metrics.ipynb #28dc7c58
 class MetricUnavailable(RuntimeError):
@@ -542,13 +543,6 @@ def write_metrics(run_dir, res: dict) -> dict:
     pd.DataFrame(list(_flatten(res)), columns=["metric", "value"]).to_csv(Path(run_dir) / "metrics.csv", index=False)
     return res
 
-def dataset_of_run(run_dir) -> str:
-    "The data set a run directory trained on (its config.yaml's `dataset`; runs from before CUB: polymnist)."
-    import yaml
-    f = Path(run_dir) / "config.yaml"
-    if not f.exists(): raise FileNotFoundError(f"{run_dir}: no config.yaml, so not a run directory")
-    return (yaml.safe_load(f.read_text()) or {}).get("dataset") or "polymnist"
-
 def load_run(run_dir, load=None):
     "The trained run behind a run directory: `load(run_dir)` (a baseline's loader) or, by default, ours (`Trainer.resume`)."
     from mmebm.train import Trainer
@@ -564,9 +558,9 @@ def evaluate(run_dir, n_coherence: int = 500, n_fid: int = 1000, n_inception: in
     `kinds_of(model)`."""
     run_dir = Path(run_dir)
     t = load_run(run_dir, load)
-    if getattr(t.cfg, "dataset", "polymnist") != "polymnist":     # each data set's scoring lives with it: the caller chooses
-        raise ValueError(f"{run_dir} is a {t.cfg.dataset} run: score it with that data set's evaluate "
-                         "(mmebm.cub_metrics.evaluate_cub; `mmebm eval` chooses by itself)")
+    if dataset_for(t.cfg).protocol != "polymnist":     # each data set's scoring lives with it: the caller chooses
+        raise ValueError(f"{run_dir} is a {t.cfg.dataset} run: score it with its data set's protocol "
+                         "(mmebm.cub_metrics.evaluate_cub for CUB, as mmebm.protocols.protocol_of_run says; `mmebm eval` chooses by itself)")
     model = t.model.eval()
     kinds = tuple(kinds or kinds_of(model))
     test = PolyMNIST(t.data_path, "test")

@@ -11,20 +11,18 @@ from pathlib import Path
 import numpy as np
 import torch
 from tqdm.auto import tqdm
-from .data import PolyMNIST, polymnist_path, read_manifest, atomic_write, remove_stale_temporaries, read_json
-from .cub import CUBCaptions, cub_path, Vocab
-from .nets import token_logits
+from .data import PolyMNIST, read_manifest, atomic_write, remove_stale_temporaries, read_json
+from .datasets import resolve_config, data_path_of, dataset_of      # the data set behind a config (00c_datasets)
 from .model import MMEBM, frozen
 from .revision import RevisionStep, Diverged
 from . import scale
 from .config import Config, profile, config_hash, save_config, load_config, BUDGET_KEYS     # profile: for the examples
 
 # %% auto #0
-__all__ = ['MODEL_KEYS', 'LOG_COLUMNS', 'PROBE_COLUMNS', 'build_model', 'resolve_config', 'data_path_of', 'CUBModalities',
-           'dataset_of', 'build_optimisers', 'resolve_device', 'runs_root', 'git_revision', 'threads_seen',
-           'device_name', 'quick_checks', 'log_columns', 'cut_log', 'plain_rng', 'rng_state', 'set_rng_state',
-           'CheckpointError', 'load_checkpoint_file', 'upgrade_checkpoint', 'Trainer', 'default_run_dir', 'train',
-           'plot_log']
+__all__ = ['MODEL_KEYS', 'LOG_COLUMNS', 'PROBE_COLUMNS', 'build_model', 'build_optimisers', 'resolve_device', 'runs_root',
+           'git_revision', 'threads_seen', 'device_name', 'quick_checks', 'log_columns', 'cut_log', 'plain_rng',
+           'rng_state', 'set_rng_state', 'CheckpointError', 'load_checkpoint_file', 'upgrade_checkpoint', 'Trainer',
+           'default_run_dir', 'train', 'plot_log']
 
 # %% ../nbs/05_train.ipynb #ac543e23
 MODEL_KEYS = tuple(p for p in inspect.signature(MMEBM).parameters)
@@ -32,44 +30,6 @@ MODEL_KEYS = tuple(p for p in inspect.signature(MMEBM).parameters)
 def build_model(cfg: Config) -> MMEBM:
     "The joint model of a config (every MMEBM argument is a Config field of the same name)."
     return MMEBM(**{k: getattr(cfg, k) for k in MODEL_KEYS})
-
-def resolve_config(cfg: Config) -> Config:
-    """The config as it trains: for CUB, `n_modalities` = 2 and `modalities` filled in from the data (the image, and a
-    caption with the vocabulary's size; the stand-in is built on first use). Other configs are returned as given."""
-    if cfg.dataset == "polymnist": return cfg
-    if cfg.dataset != "cub": raise ValueError(f"dataset must be polymnist or cub, not {cfg.dataset!r}")
-    if cfg.modalities is not None: return cfg
-    path = data_path_of(cfg)
-    size = read_manifest(path).get("image_size")
-    if size != cfg.image_size:       # a cache folder given as `data` that was imported at another size
-        raise ValueError(f"{path} holds {size}x{size} images; the config's image_size is {cfg.image_size}")
-    vocab = Vocab.load(path / "vocab.json")
-    return cfg.replace(n_modalities=2, modalities=[{"kind": "image", "size": cfg.image_size, "channels": cfg.channels},
-                                                   {"kind": "text", "vocab": len(vocab), "length": vocab.max_len}])
-
-def data_path_of(cfg: Config) -> Path:
-    "The cached data set a config trains on (built or imported on first use)."
-    if cfg.dataset == "cub":     # data_limit: the stand-in's number of training images (a quarter as many test ones)
-        lim = {} if cfg.data_limit is None else {"n_train": cfg.data_limit, "n_test": max(cfg.data_limit // 4, 8)}
-        return cub_path(cfg.data, seed=cfg.data_seed, size=cfg.image_size, **lim)
-    return polymnist_path(cfg.data, seed=cfg.data_seed, limit=cfg.data_limit)
-
-class CUBModalities:
-    "CUB (image, caption) pairs as the trainer's list of modalities: [image (B, 3, 64, 64), caption logits (B, 32, V)]."
-    def __init__(self, path, split: str = "train"):
-        self.pairs = CUBCaptions(path, split)
-        self.vocab, self.labels = len(self.pairs.vocab), self.pairs.labels
-    def __len__(self): return len(self.pairs)
-    def _modalities(self, batch):
-        (img, ids), y = batch
-        return (img, token_logits(ids, self.vocab)), y
-    def get_batch(self, idx): return self._modalities(self.pairs.get_batch(idx))
-    def batches(self, batch_size: int, shuffle: bool = True, seed: int = 0, epoch: int = 0, start: int = 0):
-        for b in self.pairs.batches(batch_size, shuffle, seed, epoch, start): yield self._modalities(b)
-
-def dataset_of(cfg: Config, path, split: str = "train"):
-    "The split a config trains or tests on, as a list-of-modalities data set."
-    return CUBModalities(path, split) if cfg.dataset == "cub" else PolyMNIST(path, split)
 
 def build_optimisers(model: MMEBM, cfg: Config):
     "Adam per model and an exponential learning-rate decay per epoch for each."

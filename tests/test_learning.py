@@ -10,7 +10,8 @@ import torch
 from mmebm.data import PolyMNIST
 from mmebm.metrics import coherence_probe, constant_label_reference, get_classifiers
 from mmebm.config import profile
-from mmebm.train import Trainer, data_path_of
+from mmebm.train import Trainer
+from mmebm.datasets import data_path_of
 
 N_TEST = 500                  # test tuples scored
 MARGIN = 0.05                 # how far above the constant-digit reference the run must be

@@ -13,9 +13,10 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 from ..data import read_manifest, atomic_write, remove_stale_temporaries
-from ..train import (device_name, git_revision, resolve_device, runs_root, _atomic_torch_save, resolve_config,
-                         data_path_of, dataset_of, rng_state, set_rng_state, load_checkpoint_file, cut_log, threads_seen)
-from .. import metrics, cub_metrics
+from ..datasets import resolve_config, data_path_of, dataset_of
+from ..train import (device_name, git_revision, resolve_device, runs_root, _atomic_torch_save, rng_state, set_rng_state,
+                         load_checkpoint_file, cut_log, threads_seen)
+from ..protocols import protocol_of_run
 from .config import (BASELINES, BASELINE_BUDGET_KEYS, BaselineConfig, baseline_config_hash,
                                     save_baseline_config, load_baseline_config)
 from .written import HELVAE, MWBVAE, CoDEVAE
@@ -27,7 +28,7 @@ __all__ = ['BASELINE_LOG_COLUMNS', 'build_baseline', 'baseline_run_dir', 'Baseli
 
 # %% ../../nbs/07e_baselines_trainer.ipynb #b446dc8a
 def build_baseline(cfg: BaselineConfig) -> nn.Module:
-    "The model of a baseline config (resolved: CUB's modalities filled in, `train.resolve_config`)."
+    "The model of a baseline config (resolved: CUB's modalities filled in, `datasets.resolve_config`)."
     own = {"helvae": HELVAE, "mwb": MWBVAE, "code": CoDEVAE}
     if cfg.model in own: return own[cfg.model](cfg)
     if cfg.model in ("mmvae_plus", "mopoe"): return LibraryBaseline(cfg, cfg.model)
@@ -156,5 +157,5 @@ def train_baseline(cfg: BaselineConfig, run_dir=None, resume: bool = True, progr
 def evaluate_baseline(run_dir, **settings) -> dict:
     """Score a baseline run with its data set's protocol (`mmebm.metrics.evaluate`, or `mmebm.cub_metrics.evaluate_cub`
     for a CUB run), with the baseline's loader."""
-    score = cub_metrics.evaluate_cub if metrics.dataset_of_run(run_dir) == "cub" else metrics.evaluate
+    score = protocol_of_run(run_dir).evaluate
     return score(run_dir, load=BaselineTrainer.resume, **settings)
