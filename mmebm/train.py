@@ -19,10 +19,10 @@ from . import scale
 from .config import Config, profile, config_hash, save_config, load_config, BUDGET_KEYS     # profile: for the examples
 
 # %% auto #0
-__all__ = ['MODEL_KEYS', 'LOG_COLUMNS', 'PROBE_COLUMNS', 'build_model', 'build_optimisers', 'resolve_device', 'runs_root',
-           'git_revision', 'threads_seen', 'device_name', 'quick_checks', 'log_columns', 'cut_log', 'plain_rng',
-           'rng_state', 'set_rng_state', 'CheckpointError', 'load_checkpoint_file', 'upgrade_checkpoint', 'Trainer',
-           'default_run_dir', 'train', 'plot_log']
+__all__ = ['MODEL_KEYS', 'LOG_COLUMNS', 'PROBE_COLUMNS', 'build_model', 'build_optimisers', 'resolve_device', 'quick_checks',
+           'Trainer', 'default_run_dir', 'train', 'runs_root', 'git_revision', 'threads_seen', 'device_name',
+           'log_columns', 'cut_log', 'plain_rng', 'rng_state', 'set_rng_state', 'CheckpointError',
+           'load_checkpoint_file', 'upgrade_checkpoint', 'plot_log']
 
 # %% ../nbs/05_train.ipynb #ac543e23
 MODEL_KEYS = tuple(p for p in inspect.signature(MMEBM).parameters)
@@ -45,27 +45,6 @@ def resolve_device(name: str = "auto") -> torch.device:
     r = scale.ranks()
     return torch.device("cuda", r.local) if d.type == "cuda" and d.index is None and r.group else d
 
-def runs_root() -> Path:
-    return Path(os.environ.get("MMEBM_RUNS_DIR", "runs"))
-
-def git_revision() -> str | None:
-    "The git revision of the source tree, with '+dirty' when tracked files outside results/ have uncommitted changes (outputs do not count); None outside git."
-    try:
-        here = Path(__file__).resolve().parent
-        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ":/", ":(top,exclude)results"], cwd=here, capture_output=True, text=True, timeout=5)
-        return rev.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "") if rev.returncode == 0 else None
-    except Exception: return None
-
-def threads_seen(run_dir) -> list:
-    """The CPU thread counts of every invocation that has trained a run so far (its status keeps them): CPU reductions
-    round differently on another count, so a run repeats bit for bit only at the counts it trained at."""
-    prev = read_json(Path(run_dir) / "status.json") or {}
-    return sorted(set(prev.get("threads", [])) | {torch.get_num_threads()})
-
-def device_name(device: torch.device) -> str:
-    return torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
-
 # %% ../nbs/05_train.ipynb #a4f96853
 @torch.no_grad()
 def quick_checks(model: MMEBM, ds: PolyMNIST, n: int = 256, seed: int = 0) -> dict:
@@ -86,97 +65,6 @@ def quick_checks(model: MMEBM, ds: PolyMNIST, n: int = 256, seed: int = 0) -> di
             "E_test": e_data, "E_generator": e_gen}
 
 # %% ../nbs/05_train.ipynb #741963ba
-LOG_COLUMNS = ("iteration", "epoch", "loss_E", "loss_G", "loss_I", "loss_E_times_T", "E_data", "E_init", "E_revised",
-               "logvar_I", "grad_E", "grad_G", "grad_I", "sec_langevin_x", "sec_langevin_z", "sec_G", "sec_I", "sec_E",
-               "sec_iteration", "lr_E")
-# the coherence probe's columns (empty except every `probe_every` iterations; see `Trainer`)
-PROBE_COLUMNS = ("probe_coh", "probe_coh_mu", "probe_uncond")
-
-def log_columns(cfg: Config) -> tuple:
-    "The log's columns for a config: the fixed ones, then the learning diagnostics (per modality where they are), then the probe's."
-    if not cfg.diagnostics: return LOG_COLUMNS + PROBE_COLUMNS
-    M = cfg.n_modalities
-    diag = ("z0_norm", "zrev_norm", "z_rms_expert", "U_init", "U_revised", *(f"rec_mu_{m}" for m in range(M)),
-            *(f"rec_z_{m}" for m in range(M)), "x_move", "x_noise_floor", "grad_x")
-    return LOG_COLUMNS + diag + PROBE_COLUMNS
-
-def _log_header(path: Path) -> list | None:
-    "The columns of an existing log (runs logged before a column was added keep their own)."
-    if not path.exists(): return None
-    with path.open() as f: return next(csv.reader(f), None)
-
-def cut_log(path: Path, iteration: int, columns) -> list:
-    """Cut a log back to its rows up to `iteration` (a resumed run computes the rest again) and drop a row that a
-    killed process left unfinished; rewritten atomically. Returns the rows kept."""
-    if not path.exists(): return []
-    lines = path.read_text().splitlines(keepends=True)
-    if lines and not lines[-1].endswith("\n"): lines = lines[:-1]          # a row cut short by a kill
-    header = next(csv.reader(lines[:1]), None) or list(columns)
-    at = header.index("iteration")
-    rows = [r for r in csv.reader(lines[1:]) if len(r) == len(header) and r[at].isdigit() and int(r[at]) <= iteration]
-    buf = io.StringIO(); w = csv.writer(buf)          # "\r\n" line ends, as DictWriter writes them
-    w.writerow(header); w.writerows(rows)
-    atomic_write(path, buf.getvalue())
-    return rows
-
-def _atomic_torch_save(obj, path: Path):
-    "torch.save into a temporary sibling, fsync, rename: a kill at any moment leaves the old checkpoint or the new."
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        torch.save(obj, f); f.flush(); os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-# Random states are stored as tensors and plain numbers, so that a checkpoint loads with `weights_only=True`:
-# loading a run directory from someone else then runs no code.
-def plain_rng(rng: dict) -> dict:
-    "NumPy's and Python's random states (as `get_state()` / `getstate()` return them) as tensors and plain numbers."
-    out = dict(rng)
-    if isinstance(rng.get("numpy"), tuple):
-        _, keys, pos, has_gauss, cached = rng["numpy"]
-        out["numpy"] = {"keys": torch.from_numpy(np.asarray(keys, np.int64)), "pos": int(pos), "has_gauss": int(has_gauss),
-                        "cached_gaussian": float(cached)}
-    if isinstance(rng.get("python"), tuple):
-        version, mt, gauss = rng["python"]
-        out["python"] = {"version": int(version), "state": torch.tensor(mt, dtype=torch.int64), "gauss_next": gauss}
-    return out
-
-def rng_state() -> dict:
-    "This process's CPU random states (torch, NumPy, Python), checkpoint-safe."
-    return plain_rng({"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()})
-
-def set_rng_state(rng: dict):
-    "Restore what `rng_state` returned."
-    torch.set_rng_state(rng["torch"])
-    n, p = rng["numpy"], rng["python"]
-    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"]))
-    random.setstate((p["version"], tuple(p["state"].tolist()), p["gauss_next"]))
-
-class CheckpointError(ValueError):
-    "A checkpoint that cannot be loaded safely (or at all): one line saying which and why."
-
-def load_checkpoint_file(path, device="cpu") -> dict:
-    "A checkpoint loaded with `weights_only=True` (tensors and plain data: loading runs no code), or a one-line error."
-    path = Path(path)
-    if not path.exists(): raise FileNotFoundError(f"{path.parent}: no {path.name} (not a trained run directory?)")
-    try: return torch.load(path, map_location=device, weights_only=True)
-    except pickle.UnpicklingError:
-        raise CheckpointError(f"{path}: holds objects other than tensors and plain data, so it is not loaded (an older "
-                              f"mmebm wrote it? if you trust its source: mmebm upgrade-checkpoint {path.parent})") from None
-    except (RuntimeError, EOFError, OSError) as e:
-        raise CheckpointError(f"{path}: unreadable ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
-
-def upgrade_checkpoint(path) -> Path:
-    """Rewrite a checkpoint written before random states were stored plainly, so that it loads with
-    `weights_only=True`. This one load runs the file's pickle: use it only on files you trust."""
-    path = Path(path)
-    if path.is_dir(): path = path / "checkpoint.pt"
-    ck = torch.load(path, map_location="cpu", weights_only=False)
-    ck["rng"] = plain_rng(ck["rng"])
-    if "rng_ranks" in ck: ck["rng_ranks"] = [plain_rng(r) for r in ck["rng_ranks"]]
-    _atomic_torch_save(ck, path)
-    load_checkpoint_file(path)          # it now loads safely
-    return path
-
 class Trainer:
     """Trains MMEBM on PolyMNIST by MCMC revision for a Config, in its run directory.
 
@@ -348,6 +236,119 @@ def train(cfg: Config, run_dir=None, resume: bool = True, progress: bool = True,
     else:
         t = Trainer(cfg, run_dir, probe=probe)
     return t, t.fit(progress)
+
+# %% ../nbs/05_train.ipynb #30175fa0
+def runs_root() -> Path:
+    return Path(os.environ.get("MMEBM_RUNS_DIR", "runs"))
+
+def git_revision() -> str | None:
+    "The git revision of the source tree, with '+dirty' when tracked files outside results/ have uncommitted changes (outputs do not count); None outside git."
+    try:
+        here = Path(__file__).resolve().parent
+        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ":/", ":(top,exclude)results"], cwd=here, capture_output=True, text=True, timeout=5)
+        return rev.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "") if rev.returncode == 0 else None
+    except Exception: return None
+
+def threads_seen(run_dir) -> list:
+    """The CPU thread counts of every invocation that has trained a run so far (its status keeps them): CPU reductions
+    round differently on another count, so a run repeats bit for bit only at the counts it trained at."""
+    prev = read_json(Path(run_dir) / "status.json") or {}
+    return sorted(set(prev.get("threads", [])) | {torch.get_num_threads()})
+
+def device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+LOG_COLUMNS = ("iteration", "epoch", "loss_E", "loss_G", "loss_I", "loss_E_times_T", "E_data", "E_init", "E_revised",
+               "logvar_I", "grad_E", "grad_G", "grad_I", "sec_langevin_x", "sec_langevin_z", "sec_G", "sec_I", "sec_E",
+               "sec_iteration", "lr_E")
+# the coherence probe's columns (empty except every `probe_every` iterations; see `Trainer`)
+PROBE_COLUMNS = ("probe_coh", "probe_coh_mu", "probe_uncond")
+
+def log_columns(cfg: Config) -> tuple:
+    "The log's columns for a config: the fixed ones, then the learning diagnostics (per modality where they are), then the probe's."
+    if not cfg.diagnostics: return LOG_COLUMNS + PROBE_COLUMNS
+    M = cfg.n_modalities
+    diag = ("z0_norm", "zrev_norm", "z_rms_expert", "U_init", "U_revised", *(f"rec_mu_{m}" for m in range(M)),
+            *(f"rec_z_{m}" for m in range(M)), "x_move", "x_noise_floor", "grad_x")
+    return LOG_COLUMNS + diag + PROBE_COLUMNS
+
+def _log_header(path: Path) -> list | None:
+    "The columns of an existing log (runs logged before a column was added keep their own)."
+    if not path.exists(): return None
+    with path.open() as f: return next(csv.reader(f), None)
+
+def cut_log(path: Path, iteration: int, columns) -> list:
+    """Cut a log back to its rows up to `iteration` (a resumed run computes the rest again) and drop a row that a
+    killed process left unfinished; rewritten atomically. Returns the rows kept."""
+    if not path.exists(): return []
+    lines = path.read_text().splitlines(keepends=True)
+    if lines and not lines[-1].endswith("\n"): lines = lines[:-1]          # a row cut short by a kill
+    header = next(csv.reader(lines[:1]), None) or list(columns)
+    at = header.index("iteration")
+    rows = [r for r in csv.reader(lines[1:]) if len(r) == len(header) and r[at].isdigit() and int(r[at]) <= iteration]
+    buf = io.StringIO(); w = csv.writer(buf)          # "\r\n" line ends, as DictWriter writes them
+    w.writerow(header); w.writerows(rows)
+    atomic_write(path, buf.getvalue())
+    return rows
+
+def _atomic_torch_save(obj, path: Path):
+    "torch.save into a temporary sibling, fsync, rename: a kill at any moment leaves the old checkpoint or the new."
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as f:
+        torch.save(obj, f); f.flush(); os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+# Random states are stored as tensors and plain numbers, so that a checkpoint loads with `weights_only=True`:
+# loading a run directory from someone else then runs no code.
+def plain_rng(rng: dict) -> dict:
+    "NumPy's and Python's random states (as `get_state()` / `getstate()` return them) as tensors and plain numbers."
+    out = dict(rng)
+    if isinstance(rng.get("numpy"), tuple):
+        _, keys, pos, has_gauss, cached = rng["numpy"]
+        out["numpy"] = {"keys": torch.from_numpy(np.asarray(keys, np.int64)), "pos": int(pos), "has_gauss": int(has_gauss),
+                        "cached_gaussian": float(cached)}
+    if isinstance(rng.get("python"), tuple):
+        version, mt, gauss = rng["python"]
+        out["python"] = {"version": int(version), "state": torch.tensor(mt, dtype=torch.int64), "gauss_next": gauss}
+    return out
+
+def rng_state() -> dict:
+    "This process's CPU random states (torch, NumPy, Python), checkpoint-safe."
+    return plain_rng({"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()})
+
+def set_rng_state(rng: dict):
+    "Restore what `rng_state` returned."
+    torch.set_rng_state(rng["torch"])
+    n, p = rng["numpy"], rng["python"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"]))
+    random.setstate((p["version"], tuple(p["state"].tolist()), p["gauss_next"]))
+
+class CheckpointError(ValueError):
+    "A checkpoint that cannot be loaded safely (or at all): one line saying which and why."
+
+def load_checkpoint_file(path, device="cpu") -> dict:
+    "A checkpoint loaded with `weights_only=True` (tensors and plain data: loading runs no code), or a one-line error."
+    path = Path(path)
+    if not path.exists(): raise FileNotFoundError(f"{path.parent}: no {path.name} (not a trained run directory?)")
+    try: return torch.load(path, map_location=device, weights_only=True)
+    except pickle.UnpicklingError:
+        raise CheckpointError(f"{path}: holds objects other than tensors and plain data, so it is not loaded (an older "
+                              f"mmebm wrote it? if you trust its source: mmebm upgrade-checkpoint {path.parent})") from None
+    except (RuntimeError, EOFError, OSError) as e:
+        raise CheckpointError(f"{path}: unreadable ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+
+def upgrade_checkpoint(path) -> Path:
+    """Rewrite a checkpoint written before random states were stored plainly, so that it loads with
+    `weights_only=True`. This one load runs the file's pickle: use it only on files you trust."""
+    path = Path(path)
+    if path.is_dir(): path = path / "checkpoint.pt"
+    ck = torch.load(path, map_location="cpu", weights_only=False)
+    ck["rng"] = plain_rng(ck["rng"])
+    if "rng_ranks" in ck: ck["rng_ranks"] = [plain_rng(r) for r in ck["rng_ranks"]]
+    _atomic_torch_save(ck, path)
+    load_checkpoint_file(path)          # it now loads safely
+    return path
 
 # %% ../nbs/05_train.ipynb #70852896
 def plot_log(run_dir, smooth: int = 1):
