@@ -11,7 +11,7 @@ PROFILE ?= cpu
 # Data sets are built into ./data (git-ignored) unless MMEBM_DATA_DIR says otherwise.
 export MMEBM_DATA_DIR ?= $(CURDIR)/data
 
-.PHONY: setup data train bench reproduce figures test export clean-nbs check-source lab
+.PHONY: setup data train bench reproduce figures test export clean-nbs nb-outputs check-source lab
 .DEFAULT_GOAL := help
 
 help:
@@ -64,6 +64,10 @@ export: setup
 clean-nbs: setup
 	$(BIN)/nbdev-clean
 	$(BIN)/nbdev-clean --fname reproduce
+
+# Re-executes nbs/*.ipynb in place, so that the committed notebooks show their outputs (about 3 minutes).
+nb-outputs: setup
+	VENV=$(VENV) bash .ci/execute-notebooks
 
 lab: setup
 	$(BIN)/jupyter lab nbs

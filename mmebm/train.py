@@ -380,7 +380,7 @@ def plot_log(run_dir, smooth: int = 1):
         for kind, colour, label in (("rec_mu", "C0", "expert mean (no chain)"), ("rec_z", "C1", "z~")):
             cols = [f"{kind}_{m}" for m in range(M)]
             for c in cols: ax[1].plot(log.index, log[c], lw=0.4, color=colour, alpha=0.5)
-            ax[1].plot(log.index, log[cols].mean(1), lw=1.2, color=colour, label=label)
+            ax[1].plot(log.index, log[cols].mean(axis=1), lw=1.2, color=colour, label=label)
         ax[1].set_title("reconstruction error per modality", fontsize=9); ax[1].legend(fontsize=7)
         ax[2].semilogy(log.index, log["x_move"], lw=1, label="mean |x~ - x0|")
         ax[2].semilogy(log.index, log["x_noise_floor"], lw=1, ls="--", color="k", label="noise floor")
