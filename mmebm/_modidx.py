@@ -592,6 +592,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                              'mmebm.train._log_header': ('train.html#_log_header', 'mmebm/train.py'),
                              'mmebm.train.build_model': ('train.html#build_model', 'mmebm/train.py'),
                              'mmebm.train.build_optimisers': ('train.html#build_optimisers', 'mmebm/train.py'),
+                             'mmebm.train.cpu_signature': ('train.html#cpu_signature', 'mmebm/train.py'),
                              'mmebm.train.cut_log': ('train.html#cut_log', 'mmebm/train.py'),
                              'mmebm.train.default_run_dir': ('train.html#default_run_dir', 'mmebm/train.py'),
                              'mmebm.train.device_name': ('train.html#device_name', 'mmebm/train.py'),

@@ -20,8 +20,8 @@ from .config import Config, profile, config_hash, save_config, load_config, BUDG
 
 # %% auto #0
 __all__ = ['MODEL_KEYS', 'LOG_COLUMNS', 'PROBE_COLUMNS', 'build_model', 'build_optimisers', 'resolve_device', 'quick_checks',
-           'Trainer', 'default_run_dir', 'train', 'runs_root', 'git_revision', 'threads_seen', 'device_name',
-           'log_columns', 'cut_log', 'plain_rng', 'rng_state', 'set_rng_state', 'CheckpointError',
+           'Trainer', 'default_run_dir', 'train', 'runs_root', 'git_revision', 'threads_seen', 'cpu_signature',
+           'device_name', 'log_columns', 'cut_log', 'plain_rng', 'rng_state', 'set_rng_state', 'CheckpointError',
            'load_checkpoint_file', 'upgrade_checkpoint', 'plot_log']
 
 # %% ../nbs/05_train.ipynb #ac543e23
@@ -156,6 +156,7 @@ class Trainer:
              "wall_seconds": round(self.wall_before, 1), "device": device_name(self.device), "torch": torch.__version__,
              "revision": git_revision(), "data": {"name": man["name"], "source": man["source"], "data_sha256": man["data_sha256"]},
              "config_hash": config_hash(self.cfg), "threads": threads_seen(self.run_dir)} | extra
+        if self.device.type == "cpu": s["cpu"] = cpu_signature()
         if self.ranks.group: s["ranks"] = self.ranks.world
         if self.ranks.main: atomic_write(self.run_dir / "status.json", json.dumps(s, indent=2) + "\n")
         return s
@@ -255,6 +256,13 @@ def threads_seen(run_dir) -> list:
     round differently on another count, so a run repeats bit for bit only at the counts it trained at."""
     prev = read_json(Path(run_dir) / "status.json") or {}
     return sorted(set(prev.get("threads", [])) | {torch.get_num_threads()})
+
+def cpu_signature() -> str:
+    """The CPU kind a run computed on: torch's vector capability and a hash of the instruction-set flags. CPU kernels
+    round differently on another kind (AVX2 against AVX-512 with AMX, say), so a run repeats bit for bit only on its own."""
+    flags = next((l.split(":", 1)[1] for l in Path("/proc/cpuinfo").read_text().splitlines() if l.startswith("flags")), "") \
+        if Path("/proc/cpuinfo").exists() else platform.processor()
+    return f"{torch.backends.cpu.get_cpu_capability()} flags {hashlib.sha256(' '.join(sorted(flags.split())).encode()).hexdigest()[:12]}"
 
 def device_name(device: torch.device) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
