@@ -164,7 +164,7 @@ def _reproduce(a):
         out = experiments.figures(a.plan or a.profile, a.results_dir)
         return 4 if any(s["state"] == "failed" for s in out["notebooks"].values()) else 0
     out = experiments.reproduce(a.plan or a.profile, a.results_dir, progress=not a.quiet, notebooks=not a.no_notebooks,
-                                max_minutes=a.max_minutes)
+                                max_minutes=a.max_minutes, only=a.only)
     if out["incomplete"]: return 3          # call again: the unfinished runs continue from their checkpoints
     bad = [n for n, s in out["notebooks"].items() if s["state"] == "failed"]
     return 4 if bad else 0
@@ -236,6 +236,9 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--cub-root", default=None, metavar="DIR",
                     help="the real CUB (published layout or its imported cache) for plans that train on it (paper); "
                          "same as $MMEBM_CUB_ROOT")
+    rp.add_argument("--only", nargs="+", default=None, metavar="ROLE",
+                    help="train and score only these runs (main, cub, baseline-mopoe, ...) and keep the plan's others as "
+                         "results/<profile>/ holds them (each must have the config the plan asks for)")
     rp.add_argument("--quiet", action="store_true", help="no progress bars")
     rp.set_defaults(func=_reproduce)
     up = sub.add_parser("upgrade-checkpoint", help="rewrite checkpoints of an older mmebm so that they load safely "

@@ -11,6 +11,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
+from typing import Sequence
 import numpy as np
 import torch
 import yaml
@@ -28,8 +29,8 @@ __all__ = ['REPRODUCE_ENV', 'PLAN_KEYS', 'CUB_KEYS', 'CUB_ROOT_ENV', 'SWEEPS', '
            'CAPTION_LINES', 'reproduce_dir', 'load_plan', 'RunSpec', 'baseline_runs', 'cub_data', 'cub_runs',
            'plan_runs', 'is_baseline', 'run_dir_of', 'hash_of', 'finished_status', 'training_probe', 'train_run',
            'evaluate_run', 'sample_artefacts', 'cub_sample_artefacts', 'artefacts_of', 'baseline_sample_artefacts',
-           'collect', 'RunResults', 'run_notebook', 'artefact_note', 'write_index', 'update_readme', 'reproduce',
-           'run_notebooks', 'figures', 'lookup', 'markdown_table', 'save_table', 'to_signed']
+           'collect', 'kept_runs', 'RunResults', 'run_notebook', 'artefact_note', 'write_index', 'update_readme',
+           'reproduce', 'run_notebooks', 'figures', 'lookup', 'markdown_table', 'save_table', 'to_signed']
 
 # %% ../nbs/08_experiments.ipynb #b6adb82a
 REPRODUCE_ENV = "MMEBM_REPRODUCE_DIR"
@@ -293,12 +294,14 @@ def baseline_sample_artefacts(run_dir, n_grid: int = 8, n_cross: int = 4, seed: 
 SMALL_FILES = ("config.yaml", "status.json", "log.csv", "metrics.json", "metrics.csv", "coherence_conditional_generator.csv",
                "coherence_conditional_ebm.csv", "coherence_conditional_refiner.csv", "samples.npz")
 
-def collect(plan: dict, specs: list[RunSpec], sweeps: dict, states: dict, results_dir) -> Path:
-    "Copy each run's small files into results_dir/runs/<role>/ and write results_dir/runs.json."
-    results_dir = Path(results_dir)
+def collect(plan: dict, specs: list[RunSpec], sweeps: dict, states: dict, results_dir, keep: dict | None = None) -> Path:
+    """Copy each run's small files into results_dir/runs/<role>/ and write results_dir/runs.json. `keep` (from
+    `kept_runs`): roles whose folder and index entry in results_dir stay as they are."""
+    results_dir, keep = Path(results_dir), keep or {}
     index = {"plan": {k: v for k, v in plan.items() if k != "path"}, "plan_file": Path(plan["path"]).name,
              "runs": {}, "sweeps": {k: {str(v): r for v, r in s.items()} for k, s in sweeps.items()}}
     for spec in specs:
+        if spec.role in keep: index["runs"][spec.role] = keep[spec.role]; continue
         src, dst = run_dir_of(spec), results_dir / "runs" / spec.role
         if dst.exists(): shutil.rmtree(dst)
         dst.mkdir(parents=True)
@@ -309,6 +312,26 @@ def collect(plan: dict, specs: list[RunSpec], sweeps: dict, states: dict, result
                                     "reason": states.get(spec.role, {}).get("reason")}
     atomic_write(results_dir / "runs.json", json.dumps(index, indent=2, default=str) + "\n")
     return results_dir / "runs.json"
+
+def kept_runs(specs: list[RunSpec], results_dir, only) -> dict:
+    """For `reproduce(only=...)`: the plan's other runs as results_dir already holds them ({role: index entry}), each
+    checked to be the run the plan asks for (the same config hash), so that one changed run can be retrained and
+    rescored without retraining the rest; anything missing or stale is an error that names it."""
+    roles, results_dir = [s.role for s in specs], Path(results_dir)
+    unknown = sorted(set(only) - set(roles))
+    if unknown: raise ValueError(f"only={unknown}: not runs of this plan; its runs are {roles}")
+    held = json.loads((results_dir / "runs.json").read_text())["runs"] if (results_dir / "runs.json").exists() else {}
+    keep = {}
+    for s in specs:
+        if s.role in only: continue
+        r = held.get(s.role)
+        if r is None or not (results_dir / "runs" / s.role).is_dir():
+            raise FileNotFoundError(f"run {s.role!r} is not in {results_dir}, so it cannot be kept: retrain it too (only=... {s.role})")
+        if r["config_hash"] != hash_of(s):
+            raise ValueError(f"run {s.role!r} in {results_dir} has config {r['config_hash']}, the plan asks for {hash_of(s)}: "
+                             f"retrain it too (only=... {s.role})")
+        keep[s.role] = r
+    return keep
 
 # %% ../nbs/08_experiments.ipynb #e20eceec
 class RunResults:
@@ -540,16 +563,20 @@ def update_readme(readme, plan_name: str, block: str) -> bool:
 
 # %% ../nbs/08_experiments.ipynb #0856daa0
 def reproduce(plan: str | dict, results_dir=None, progress: bool = True, notebooks: bool = True,
-              max_minutes: float | None = None) -> dict:
+              max_minutes: float | None = None, only: Sequence[str] | None = None) -> dict:
     """Regenerate results/<plan>/ from a plan: train, score, sample, collect, execute the notebooks, index.
     With `max_minutes`, training stops at that time budget (checkpointed) and the call returns with
-    `incomplete` set; calling again continues, so fixed-length sessions can chain to the end."""
+    `incomplete` set; calling again continues, so fixed-length sessions can chain to the end.
+    `only` (roles): train and score just these runs and keep the others as results_dir holds them (`kept_runs`:
+    they must be the runs the plan asks for), e.g. after a change of our profile, whose baselines stay valid."""
     plan = load_plan(plan) if isinstance(plan, str) else plan
     root = reproduce_dir().parent
     results_dir = Path(results_dir or root / "results" / plan["name"]).resolve()
     results_dir.mkdir(parents=True, exist_ok=True)
     say = lambda msg: print(f"[reproduce {plan['name']}] {msg}", flush=True)
     specs, sweeps = plan_runs(plan)
+    keep = kept_runs(specs, results_dir, only) if only else {}
+    if keep: say(f"kept as {results_dir} holds them: {', '.join(keep)}")
     t_all, stages = time.time(), {}
     def stage(name, t0): stages[name] = stages.get(name, 0) + time.time() - t0
 
@@ -565,6 +592,9 @@ def reproduce(plan: str | dict, results_dir=None, progress: bool = True, noteboo
     # the time budget covers training; every call trains at least one iteration of the first unfinished run
     states, deadline, unfinished = {}, (time.time() + 60 * max_minutes) if max_minutes else None, []
     for i, spec in enumerate(specs, 1):
+        if spec.role in keep:
+            states[spec.role] = read_json(results_dir / "runs" / spec.role / "status.json", {}) | {"state": keep[spec.role]["state"]}
+            continue
         t0 = time.time()
         if deadline is not None:
             left = (deadline - t0) / 60
@@ -582,7 +612,7 @@ def reproduce(plan: str | dict, results_dir=None, progress: bool = True, noteboo
             "call again to continue from their checkpoints")
         return {"results_dir": str(results_dir), "runs": states, "notebooks": {}, "stages": stages | {"total": time.time() - t_all},
                 "incomplete": unfinished}
-    ok = lambda s: states[s.role]["state"] in ("completed", "stopped")
+    ok = lambda s: s.role not in keep and states[s.role]["state"] in ("completed", "stopped")
     for spec in (s for s in specs if s.evaluate is not None and ok(s)):
         t0 = time.time(); say(f"score {spec.role}")
         try: evaluate_run(spec, progress)
@@ -595,7 +625,7 @@ def reproduce(plan: str | dict, results_dir=None, progress: bool = True, noteboo
         except Exception as e:      # as for scoring: the run is marked, the rest of the plan goes on
             states[spec.role] |= {"state": "error", "reason": f"samples failed: {type(e).__name__}: {e}"}
         stage("samples", t0)
-    collect(plan, specs, sweeps, states, results_dir)
+    collect(plan, specs, sweeps, states, results_dir, keep)
 
     t0 = time.time()
     nb_states = run_notebooks(results_dir, say) if notebooks else {}

@@ -1,9 +1,11 @@
-"""Train the controlled short runs of reproduce/dynamics.yaml (each resumable), copy their logs into
-results/dynamics/<tag>/, and draw the comparison figure and table the training notebook cites.
+"""Train the controlled short runs of a plan (reproduce/dynamics.yaml unless `--plan` names another; each run
+resumable), copy their logs into results/<the plan's `out`, default dynamics>/<tag>/, and draw the comparison
+figure and table the training notebooks cite.
 
-    python reproduce/dynamics.py [TAG ...]      # all runs, or only the named ones; then the figure and table
+    python reproduce/dynamics.py [TAG ...]                               # all runs, or only the named ones
+    python reproduce/dynamics.py --plan reproduce/dynamics-ebm.yaml      # the EBM's learning rate (nbs/05a_config)
 """
-import shutil, sys
+import argparse, shutil
 from pathlib import Path
 import pandas as pd
 import yaml
@@ -11,14 +13,14 @@ from mmebm.train import profile, train, runs_root
 from mmebm.experiments import training_probe
 
 HERE = Path(__file__).resolve().parent
-OUT = HERE.parent / "results" / "dynamics"
+OUT = HERE.parent / "results" / "dynamics"      # set from the plan's `out` in __main__
 
 
 def run(tag: str, spec: dict, plan: dict):
     cfg = profile(spec["profile"], iterations=plan["iterations"], probe_every=plan["probe_every"],
                   **{k: tuple(v) if k in ("betas", "betas_E") else v for k, v in (spec.get("set") or {}).items()})
     cfg = cfg.replace(name=f"dynamics-{tag}")
-    t, status = train(cfg, runs_root() / "dynamics" / tag, probe=training_probe(cfg))
+    t, status = train(cfg, runs_root() / OUT.name / tag, probe=training_probe(cfg))
     dest = OUT / tag
     dest.mkdir(parents=True, exist_ok=True)
     for f in ("log.csv", "config.yaml", "status.json"): shutil.copy(t.run_dir / f, dest / f)
@@ -53,7 +55,7 @@ def summarise(plan: dict):
     md = ["| " + " | ".join(table.columns) + " |", "|" + "---|" * len(table.columns)]
     md += ["| " + " | ".join(fmt(v) for v in r) + " |" for r in table.itertuples(index=False)]
     (OUT / "dynamics.md").write_text(
-        f"Controlled runs of reproduce/dynamics.yaml, {plan['iterations']} iterations each (seed 0, offline PolyMNIST). "
+        f"Controlled runs of reproduce/{plan['file']}, {plan['iterations']} iterations each (seed 0, offline PolyMNIST). "
         "Probe: single-source coherence of the generator on 500 test tuples (chance 0.1); the other columns are means "
         "over the last 20 iterations of the log (reconstruction error per pixel in [-1, 1] units; the data's variance "
         "is 0.29).\n\n" + "\n".join(md) + "\n")
@@ -77,7 +79,13 @@ def summarise(plan: dict):
 
 
 if __name__ == "__main__":
-    plan = yaml.safe_load((HERE / "dynamics.yaml").read_text())
-    tags = sys.argv[1:] or list(plan["runs"])
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("tags", nargs="*", help="runs of the plan to train (default: all)")
+    ap.add_argument("--plan", default=str(HERE / "dynamics.yaml"), help="a plan file (default: reproduce/dynamics.yaml)")
+    args = ap.parse_args()
+    plan = yaml.safe_load(Path(args.plan).read_text())
+    plan["file"] = Path(args.plan).name
+    OUT = HERE.parent / "results" / plan.get("out", "dynamics")
+    tags = args.tags or list(plan["runs"])
     for tag in tags: run(tag, plan["runs"][tag], plan)
     summarise(plan)
