@@ -368,6 +368,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                    'mmebm.experiments.figures': ('experiments.html#figures', 'mmebm/experiments.py'),
                                    'mmebm.experiments.finished_status': ('experiments.html#finished_status', 'mmebm/experiments.py'),
                                    'mmebm.experiments.hash_of': ('experiments.html#hash_of', 'mmebm/experiments.py'),
+                                   'mmebm.experiments.held_status': ('experiments.html#held_status', 'mmebm/experiments.py'),
                                    'mmebm.experiments.is_baseline': ('experiments.html#is_baseline', 'mmebm/experiments.py'),
                                    'mmebm.experiments.kept_runs': ('experiments.html#kept_runs', 'mmebm/experiments.py'),
                                    'mmebm.experiments.load_plan': ('experiments.html#load_plan', 'mmebm/experiments.py'),

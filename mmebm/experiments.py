@@ -29,8 +29,9 @@ __all__ = ['REPRODUCE_ENV', 'PLAN_KEYS', 'CUB_KEYS', 'CUB_ROOT_ENV', 'SWEEPS', '
            'CAPTION_LINES', 'reproduce_dir', 'load_plan', 'RunSpec', 'baseline_runs', 'cub_data', 'cub_runs',
            'plan_runs', 'is_baseline', 'run_dir_of', 'hash_of', 'finished_status', 'training_probe', 'train_run',
            'evaluate_run', 'sample_artefacts', 'cub_sample_artefacts', 'artefacts_of', 'baseline_sample_artefacts',
-           'collect', 'kept_runs', 'RunResults', 'run_notebook', 'artefact_note', 'write_index', 'update_readme',
-           'reproduce', 'run_notebooks', 'figures', 'lookup', 'markdown_table', 'save_table', 'to_signed']
+           'collect', 'kept_runs', 'held_status', 'RunResults', 'run_notebook', 'artefact_note', 'write_index',
+           'update_readme', 'reproduce', 'run_notebooks', 'figures', 'lookup', 'markdown_table', 'save_table',
+           'to_signed']
 
 # %% ../nbs/08_experiments.ipynb #b6adb82a
 REPRODUCE_ENV = "MMEBM_REPRODUCE_DIR"
@@ -333,6 +334,10 @@ def kept_runs(specs: list[RunSpec], results_dir, only) -> dict:
         keep[s.role] = r
     return keep
 
+def held_status(results_dir, role: str, entry: dict) -> dict:
+    "A run's status as results_dir holds it (the invocation that trained it), with the state its index entry records."
+    return read_json(Path(results_dir) / "runs" / role / "status.json", {}) | {"state": entry["state"]}
+
 # %% ../nbs/08_experiments.ipynb #e20eceec
 class RunResults:
     "Read-only access to a results folder written by `collect`."
@@ -593,7 +598,7 @@ def reproduce(plan: str | dict, results_dir=None, progress: bool = True, noteboo
     states, deadline, unfinished = {}, (time.time() + 60 * max_minutes) if max_minutes else None, []
     for i, spec in enumerate(specs, 1):
         if spec.role in keep:
-            states[spec.role] = read_json(results_dir / "runs" / spec.role / "status.json", {}) | {"state": keep[spec.role]["state"]}
+            states[spec.role] = held_status(results_dir, spec.role, keep[spec.role])
             continue
         t0 = time.time()
         if deadline is not None:
@@ -672,8 +677,7 @@ def figures(plan: str | dict, results_dir=None) -> dict:
     say = lambda msg: print(f"[figures {plan['name']}] {msg}", flush=True)
     t0 = time.time()
     # each run's status as the folder keeps it (the states of the invocation that trained it)
-    states = {role: read_json(results_dir / "runs" / role / "status.json", {}) | {"state": r["state"]}
-              for role, r in RunResults(results_dir).index["runs"].items()}
+    states = {role: held_status(results_dir, role, r) for role, r in RunResults(results_dir).index["runs"].items()}
     nb_states = run_notebooks(results_dir, say)
     t = time.time() - t0
     return _finish(plan, results_dir, states, nb_states, {"notebooks": t, "total": t}, None, say)

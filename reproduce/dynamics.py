@@ -3,7 +3,7 @@ resumable), copy their logs into results/<the plan's `out`, default dynamics>/<t
 figure and table the training notebooks cite.
 
     python reproduce/dynamics.py [TAG ...]                               # all runs, or only the named ones
-    python reproduce/dynamics.py --plan reproduce/dynamics-ebm.yaml      # the EBM's learning rate (nbs/05a_config)
+    python reproduce/dynamics.py --plan reproduce/dynamics-400.yaml      # the 400-iteration runs (nbs/05a_config)
 """
 import argparse, shutil
 from pathlib import Path
