@@ -54,9 +54,10 @@ figures: setup
 check-source: setup
 	VENV=$(VENV) bash .ci/check-source
 
+# --durations: CI's log names the slowest tests (the suite must stay under 20 minutes on a 2-core machine).
 test: check-source
 	$(BIN)/nbdev-test --n-workers 2
-	$(BIN)/python -m pytest tests -q
+	$(BIN)/python -m pytest tests -q --durations=15
 
 # Developer helpers: export after editing a notebook; clean before committing.
 export: setup

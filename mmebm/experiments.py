@@ -331,6 +331,11 @@ def kept_runs(specs: list[RunSpec], results_dir, only) -> dict:
         if r["config_hash"] != hash_of(s):
             raise ValueError(f"run {s.role!r} in {results_dir} has config {r['config_hash']}, the plan asks for {hash_of(s)}: "
                              f"retrain it too (only=... {s.role})")
+        # and scored as the plan scores it (a kept run is not scored again; `evaluate_run` compares the same keys)
+        scored = (read_json(results_dir / "runs" / s.role / "metrics.json") or {}).get("settings")
+        if s.evaluate is not None and {k: (scored or {}).get(k) for k in s.evaluate} != s.evaluate:
+            raise ValueError(f"run {s.role!r} in {results_dir} was scored with {scored or 'nothing (no metrics.json)'}, the plan "
+                             f"scores it with {s.evaluate}: score it too (only=... {s.role}; its training is reused from runs/)")
         keep[s.role] = r
     return keep
 

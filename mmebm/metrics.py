@@ -22,11 +22,11 @@ __all__ = ['ACCURACY_FLOOR', 'CLASSIFIER_VERSION', 'PUBLISHED_CLASSIFIER_FILE', 
            'train_classifiers', 'save_classifiers', 'load_classifiers', 'get_classifiers', 'check_floor',
            'PublishedPolyMNISTClassifier', 'load_published_classifiers', 'save_published_format', 'proper_subsets',
            'model_device', 'conditional_coherence', 'summarise_conditional', 'unconditional_coherence',
-           'ReferenceModel', 'coherence_probe', 'constant_label_reference', 'check_sha256', 'fid_helper_file',
-           'inception_extractor', 'to_uint8', 'extract', 'frechet_distance', 'fingerprint', 'real_features',
-           'cached_features', 'sample_many', 'parameter_counts', 'generation_latency', 'revision_of', 'kinds_of',
-           'classifier_set', 'coherence_metrics', 'conditional_samples', 'fid_metrics', 'cost_metrics', 'provenance',
-           'timed_into', 'inception_scores', 'write_metrics', 'load_run', 'evaluate']
+           'ReferenceModel', 'coherence_probe', 'constant_label_reference', 'latent_fit', 'check_sha256',
+           'fid_helper_file', 'inception_extractor', 'to_uint8', 'extract', 'frechet_distance', 'fingerprint',
+           'real_features', 'cached_features', 'sample_many', 'parameter_counts', 'generation_latency', 'revision_of',
+           'kinds_of', 'classifier_set', 'coherence_metrics', 'conditional_samples', 'fid_metrics', 'cost_metrics',
+           'provenance', 'timed_into', 'inception_scores', 'write_metrics', 'load_run', 'evaluate']
 
 # %% ../nbs/06_metrics.ipynb #28dc7c58
 class MetricUnavailable(RuntimeError):
@@ -283,6 +283,42 @@ def constant_label_reference(labels) -> float:
     label among the scored tuples. A model has learned something only when it clears this, not just chance."""
     labels = np.asarray(labels)
     return float(np.bincount(labels).max() / len(labels))
+
+# %% ../nbs/06_metrics.ipynb #4f961eea
+@torch.no_grad()
+def latent_fit(model, ds: PolyMNIST, classifiers: dict, n: int = 1000, batch_size: int = 250, floor: float | None = None,
+               seed: int = 0) -> dict:
+    """Revised latents of the first n test tuples against the prior N(0, I) (see above): their statistics and the joint
+    coherence of decodes from the prior, from a Gaussian fitted to them, and from the latents themselves. Runs on a
+    forked random stream (`seed`), so a caller's stream is left as it was."""
+    check_floor(classifiers, ACCURACY_FLOOR if floor is None else floor)
+    if not hasattr(getattr(model, "generator", None), "prior"):
+        raise MetricUnavailable("latent_fit needs a model with a N(0, I) prior (model.generator.prior)")
+    dev, M, n = model_device(model), model.n_modalities, min(n, len(ds))
+    def joint(z):
+        "Fraction of the decodes of z whose M predicted digits agree."
+        agree = 0
+        for a in range(0, len(z), batch_size):
+            out = model.decode(z[a:a + batch_size].to(dev))
+            preds = torch.stack([predict(c, x.float().cpu()) for c, x in zip(classifiers["models"], out)])
+            agree += int((preds == preds[0]).all(0).sum())
+        return agree / len(z)
+    with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
+        torch.manual_seed(seed)
+        z = torch.cat([model.encode({m: x[m].to(dev) for m in range(M)}).float().cpu()
+                       for x, _ in (ds.get_batch(np.arange(a, min(n, a + batch_size))) for a in range(0, n, batch_size))])
+        d = z.shape[1]
+        mean, cov = z.double().mean(0), torch.cov(z.double().T)
+        eig = torch.linalg.eigvalsh(cov)
+        # KL(N(mean, cov) || N(0, I)): how far a Gaussian summary of the latents is from the prior
+        kl = 0.5 * float(cov.trace() + mean @ mean - d - torch.logdet(cov))
+        fitted = mean + torch.randn(n, d, dtype=torch.float64) @ torch.linalg.cholesky(cov + 1e-6 * torch.eye(d, dtype=torch.float64)).T
+        prior = model.generator.prior(n).cpu()
+        return {"n": n, "latent_size": d, "norm_per_dim": float((z.norm(dim=1) / d ** 0.5).mean()),
+                "mean_offset_per_dim": float(mean.norm() / d ** 0.5), "variance_per_dim": float(cov.diagonal().mean()),
+                "cov_eigenvalues": {"min": float(eig[0]), "median": float(eig.median()), "max": float(eig[-1])},
+                "kl_fit_to_prior": kl, "kl_fit_to_prior_per_dim": kl / d,
+                "joint_coherence": {"prior": joint(prior), "gaussian_fit": joint(fitted.float()), "revised_latents": joint(z)}}
 
 # %% ../nbs/06_metrics.ipynb #57ab6442
 INCEPTION_ENV = "MMEBM_INCEPTION_WEIGHTS"
@@ -582,4 +618,11 @@ def evaluate(run_dir, n_coherence: int = 500, n_fid: int = 1000, n_inception: in
     timed("fid_inception", lambda: inception_scores(n_inception, inception_weights, inception_route, lambda ext, key: fid_metrics(
         model, test, ext, key, n_inception, kinds, inception_conditional, progress)))
     timed("cost", lambda: cost_metrics(model, run_dir))
+    # last, so that every number above is drawn as before it existed; ours only (a N(0, I) prior)
+    if hasattr(getattr(model, "generator", None), "prior"): timed("latent_fit", lambda: _or_reason(lambda: latent_fit(model, test, clf, n_coherence)))
     return write_metrics(run_dir, res)
+
+def _or_reason(fn) -> dict:
+    "fn(), or the reason it cannot be computed honestly."
+    try: return fn()
+    except MetricUnavailable as e: return {"unavailable": str(e)}
