@@ -28,10 +28,10 @@ from .baselines import BaselineConfig, baseline_profile, baseline_config_hash, B
 __all__ = ['REPRODUCE_ENV', 'PLAN_KEYS', 'CUB_KEYS', 'CUB_ROOT_ENV', 'SWEEPS', 'SMALL_FILES', 'NOTEBOOKS', 'LOOK_FOR',
            'CAPTION_LINES', 'reproduce_dir', 'load_plan', 'RunSpec', 'baseline_runs', 'cub_data', 'cub_runs',
            'plan_runs', 'is_baseline', 'run_dir_of', 'hash_of', 'finished_status', 'training_probe', 'train_run',
-           'evaluate_run', 'sample_artefacts', 'cub_sample_artefacts', 'artefacts_of', 'baseline_sample_artefacts',
-           'collect', 'kept_runs', 'held_status', 'RunResults', 'run_notebook', 'artefact_note', 'write_index',
-           'update_readme', 'reproduce', 'run_notebooks', 'figures', 'lookup', 'markdown_table', 'save_table',
-           'to_signed']
+           'evaluate_run', 'sample_artefacts', 'latent_decodes', 'cub_sample_artefacts', 'artefacts_of',
+           'baseline_sample_artefacts', 'collect', 'kept_runs', 'held_status', 'RunResults', 'run_notebook',
+           'artefact_note', 'write_index', 'update_readme', 'reproduce', 'run_notebooks', 'figures', 'lookup',
+           'markdown_table', 'save_table', 'to_signed']
 
 # %% ../nbs/08_experiments.ipynb #b6adb82a
 REPRODUCE_ENV = "MMEBM_REPRODUCE_DIR"
@@ -243,8 +243,18 @@ def sample_artefacts(run_dir, n_grid: int = 8, n_cross: int = 4, n_traj: int = 4
                         traj_z_steps=np.array(tr["z"].steps), iteration=t.iteration,
                         # the same conditional samples after K_x EBM steps on the missing modalities, the observed one
                         # clamped; drawn last, so that the arrays above stay what they were before it was added
-                        cross_revised=np.stack([_u8(model.revise_x(c, observed=[s]).samples) for s, c in enumerate(cross_x)]))
+                        cross_revised=np.stack([_u8(model.revise_x(c, observed=[s]).samples) for s, c in enumerate(cross_x)]),
+                        **latent_decodes(model, test, n_grid))
     return out
+
+def latent_decodes(model, test, n_grid: int, n_fit: int = 500) -> dict:
+    """`metrics.latent_fit`'s three sources as pictures (drawn after everything else, for the same reason): n_grid
+    decodes of prior draws, of draws from a Gaussian fitted to the revised latents of the first n_fit test tuples, and
+    of the revised latents of the first n_grid test tuples themselves; none for a model without a N(0, I) prior."""
+    if not hasattr(getattr(model, "generator", None), "prior"): return {}
+    dev, z = metrics.model_device(model), metrics.revised_latents(model, test, n_fit)
+    sources = {"prior": model.generator.prior(n_grid), "gaussian_fit": metrics.fitted_gaussian(z, n_grid), "revised": z[:n_grid]}
+    return {f"latent_{k}": _u8(model.decode(v.to(dev))) for k, v in sources.items()}
 
 @torch.no_grad()
 def cub_sample_artefacts(run_dir, n_grid: int = 8, seed: int = 0, load=Trainer.resume, **unused) -> Path:
@@ -465,6 +475,11 @@ def _run_shows(stem: str, res: "RunResults") -> str | None:
     if stem == "samples_unconditional" and lookup(m, "coherence", "unconditional_generator") is not None:
         return (f"all five digits agree on {_f(lookup(m, 'coherence', 'unconditional_generator'))} of generator samples, "
                 f"{_f(lookup(m, 'coherence', 'unconditional_ebm'))} after the EBM's revision")
+    if stem in ("latent_fit", "samples_latent_fit") and lookup(m, "latent_fit", "joint_coherence") is not None:
+        j, f = lookup(m, "latent_fit", "joint_coherence"), m["latent_fit"]
+        return (f"the data's z~ at {f['norm_per_dim']:.2f} per dimension (offset {f['mean_offset_per_dim']:.2f}); all five digits "
+                f"agree on {_f(j['prior'])} of decodes from the prior, {_f(j['gaussian_fit'])} from the fitted Gaussian, "
+                f"{_f(j['revised_latents'])} from the z~ themselves")
     if stem in ("training_log", "training_log_cub"):
         log = res.log("main" if stem == "training_log" else "cub")
         if log is None or "probe_coh" not in log: return None
@@ -494,6 +509,8 @@ LOOK_FOR = {
     "training_log": "is it learning: the probe's coherence against chance, latent norms near the prior's 1, the data chain above its noise floor",
     "training_log_cub": "the same diagnostics for the CUB run",
     "samples_unconditional": "digits in every modality, and the same digit across a column",
+    "latent_fit": "whether the data's revised latents fill the prior (norm 1, offset 0, KL near 0), and joint coherence from each latent source",
+    "samples_latent_fit": "digits where the data's latents lie against what the prior's draws decode to",
     "samples_cross_modal": "the observed digit (red) carried into every other modality",
     "samples_cross_modal_revised": "how far the EBM's revision, the observed modality clamped, moves the conditional samples",
     "samples_baselines": "every model's unconditional samples side by side",

@@ -22,11 +22,12 @@ __all__ = ['ACCURACY_FLOOR', 'CLASSIFIER_VERSION', 'PUBLISHED_CLASSIFIER_FILE', 
            'train_classifiers', 'save_classifiers', 'load_classifiers', 'get_classifiers', 'check_floor',
            'PublishedPolyMNISTClassifier', 'load_published_classifiers', 'save_published_format', 'proper_subsets',
            'model_device', 'conditional_coherence', 'summarise_conditional', 'unconditional_coherence',
-           'ReferenceModel', 'coherence_probe', 'constant_label_reference', 'latent_fit', 'check_sha256',
-           'fid_helper_file', 'inception_extractor', 'to_uint8', 'extract', 'frechet_distance', 'fingerprint',
-           'real_features', 'cached_features', 'sample_many', 'parameter_counts', 'generation_latency', 'revision_of',
-           'kinds_of', 'classifier_set', 'coherence_metrics', 'conditional_samples', 'fid_metrics', 'cost_metrics',
-           'provenance', 'timed_into', 'inception_scores', 'write_metrics', 'load_run', 'evaluate']
+           'ReferenceModel', 'coherence_probe', 'constant_label_reference', 'revised_latents', 'fitted_gaussian',
+           'latent_fit', 'check_sha256', 'fid_helper_file', 'inception_extractor', 'to_uint8', 'extract',
+           'frechet_distance', 'fingerprint', 'real_features', 'cached_features', 'sample_many', 'parameter_counts',
+           'generation_latency', 'revision_of', 'kinds_of', 'classifier_set', 'coherence_metrics',
+           'conditional_samples', 'fid_metrics', 'cost_metrics', 'provenance', 'timed_into', 'inception_scores',
+           'write_metrics', 'load_run', 'evaluate']
 
 # %% ../nbs/06_metrics.ipynb #28dc7c58
 class MetricUnavailable(RuntimeError):
@@ -286,6 +287,19 @@ def constant_label_reference(labels) -> float:
 
 # %% ../nbs/06_metrics.ipynb #4f961eea
 @torch.no_grad()
+def revised_latents(model, ds: PolyMNIST, n: int, batch_size: int = 250) -> torch.Tensor:
+    "z~ = `model.encode` of the first n tuples of ds with all M modalities observed, (n, latent size), on the CPU."
+    dev, M, n = model_device(model), model.n_modalities, min(n, len(ds))
+    return torch.cat([model.encode({m: x[m].to(dev) for m in range(M)}).float().cpu()
+                      for x, _ in (ds.get_batch(np.arange(a, min(n, a + batch_size))) for a in range(0, n, batch_size))])
+
+def fitted_gaussian(z: torch.Tensor, n: int) -> torch.Tensor:
+    "n draws (float32) from the Gaussian with the mean and covariance of the rows of z."
+    z = z.double(); mean, cov = z.mean(0), torch.cov(z.T)
+    chol = torch.linalg.cholesky(cov + 1e-6 * torch.eye(z.shape[1], dtype=torch.float64))
+    return (mean + torch.randn(n, z.shape[1], dtype=torch.float64) @ chol.T).float()
+
+@torch.no_grad()
 def latent_fit(model, ds: PolyMNIST, classifiers: dict, n: int = 1000, batch_size: int = 250, floor: float | None = None,
                seed: int = 0) -> dict:
     """Revised latents of the first n test tuples against the prior N(0, I) (see above): their statistics and the joint
@@ -305,20 +319,19 @@ def latent_fit(model, ds: PolyMNIST, classifiers: dict, n: int = 1000, batch_siz
         return agree / len(z)
     with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
         torch.manual_seed(seed)
-        z = torch.cat([model.encode({m: x[m].to(dev) for m in range(M)}).float().cpu()
-                       for x, _ in (ds.get_batch(np.arange(a, min(n, a + batch_size))) for a in range(0, n, batch_size))])
+        z = revised_latents(model, ds, n, batch_size)
         d = z.shape[1]
         mean, cov = z.double().mean(0), torch.cov(z.double().T)
         eig = torch.linalg.eigvalsh(cov)
         # KL(N(mean, cov) || N(0, I)): how far a Gaussian summary of the latents is from the prior
         kl = 0.5 * float(cov.trace() + mean @ mean - d - torch.logdet(cov))
-        fitted = mean + torch.randn(n, d, dtype=torch.float64) @ torch.linalg.cholesky(cov + 1e-6 * torch.eye(d, dtype=torch.float64)).T
+        fitted = fitted_gaussian(z, n)
         prior = model.generator.prior(n).cpu()
         return {"n": n, "latent_size": d, "norm_per_dim": float((z.norm(dim=1) / d ** 0.5).mean()),
                 "mean_offset_per_dim": float(mean.norm() / d ** 0.5), "variance_per_dim": float(cov.diagonal().mean()),
                 "cov_eigenvalues": {"min": float(eig[0]), "median": float(eig.median()), "max": float(eig[-1])},
                 "kl_fit_to_prior": kl, "kl_fit_to_prior_per_dim": kl / d,
-                "joint_coherence": {"prior": joint(prior), "gaussian_fit": joint(fitted.float()), "revised_latents": joint(z)}}
+                "joint_coherence": {"prior": joint(prior), "gaussian_fit": joint(fitted), "revised_latents": joint(z)}}
 
 # %% ../nbs/06_metrics.ipynb #57ab6442
 INCEPTION_ENV = "MMEBM_INCEPTION_WEIGHTS"
