@@ -5,12 +5,15 @@ figure and table the training notebooks cite.
     python reproduce/dynamics.py [TAG ...]                               # all runs, or only the named ones
     python reproduce/dynamics.py --plan reproduce/dynamics-400.yaml      # the 400-iteration runs (nbs/05a_config)
 """
-import argparse, shutil
+import argparse, json, shutil
 from pathlib import Path
 import pandas as pd
 import yaml
-from mmebm.train import profile, train, runs_root
+from mmebm.train import Trainer, profile, train, runs_root
+from mmebm.config import config_hash
 from mmebm.experiments import training_probe
+from mmebm import metrics
+from mmebm.data import PolyMNIST
 
 HERE = Path(__file__).resolve().parent
 OUT = HERE.parent / "results" / "dynamics"      # set from the plan's `out` in __main__
@@ -20,11 +23,28 @@ def run(tag: str, spec: dict, plan: dict):
     cfg = profile(spec["profile"], iterations=plan["iterations"], probe_every=plan["probe_every"],
                   **{k: tuple(v) if k in ("betas", "betas_E") else v for k, v in (spec.get("set") or {}).items()})
     cfg = cfg.replace(name=f"dynamics-{tag}")
-    t, status = train(cfg, runs_root() / OUT.name / tag, probe=training_probe(cfg))
-    dest = OUT / tag
+    d, dest = runs_root() / OUT.name / tag, OUT / tag
+    status = json.loads((d / "status.json").read_text()) if (d / "status.json").exists() else {}
+    if status.get("state") == "completed" and status.get("iteration") == cfg.iterations and status.get("config_hash") == config_hash(cfg):
+        t = Trainer.resume(d)          # finished: its status (and the revision that trained it) stand
+    else:
+        t, status = train(cfg, d, probe=training_probe(cfg))
     dest.mkdir(parents=True, exist_ok=True)
     for f in ("log.csv", "config.yaml", "status.json"): shutil.copy(t.run_dir / f, dest / f)
+    if status["state"] == "completed" and cfg.dataset == "polymnist":
+        # where the data's revised latents lie against the prior at the end (nbs/06_metrics, latent_fit), on the probe's tuples
+        fit = metrics.latent_fit(t.model.eval(), PolyMNIST(t.data_path, "test"), metrics.get_classifiers(t.data_path), n=500)
+        (dest / "latent_fit.json").write_text(json.dumps(fit, indent=1) + "\n")
     print(f"{tag}: {status['state']} at {status['iteration']}")
+
+
+def latent_columns(f: Path) -> dict:
+    "The latent-fit columns of a run's table row (NaN for a run scored before latent_fit.json was written)."
+    fit = json.loads(f.read_text()) if f.exists() else None
+    nan = float("nan")
+    return {"KL(fit || prior) / dim": fit["kl_fit_to_prior_per_dim"] if fit else nan,
+            "joint coh. from prior": fit["joint_coherence"]["prior"] if fit else nan,
+            "joint coh. from z~": fit["joint_coherence"]["revised_latents"] if fit else nan}
 
 
 def summarise(plan: dict):
@@ -49,7 +69,8 @@ def summarise(plan: dict):
                      "rec from z~": last[[f"rec_z_{m}" for m in range(M)]].mean(),
                      "rec from expert mean": last[[f"rec_mu_{m}" for m in range(M)]].mean(),
                      "z0 norm": last["z0_norm"], "z~ norm": last["zrev_norm"], "expert log-var": last["logvar_I"],
-                     "x move / floor": last["x_move"] / last["x_noise_floor"], "mean dE/dx": last["grad_x"]})
+                     "x move / floor": last["x_move"] / last["x_noise_floor"], "mean dE/dx": last["grad_x"]}
+                    | latent_columns(f.parent / "latent_fit.json"))
     table = pd.DataFrame(rows)
     fmt = lambda v: f"{v:.3g}" if isinstance(v, float) else str(v)
     md = ["| " + " | ".join(table.columns) + " |", "|" + "---|" * len(table.columns)]
@@ -58,7 +79,8 @@ def summarise(plan: dict):
         f"Controlled runs of reproduce/{plan['file']}, {plan['iterations']} iterations each (seed 0, offline PolyMNIST). "
         "Probe: single-source coherence of the generator on 500 test tuples (chance 0.1); the other columns are means "
         "over the last 20 iterations of the log (reconstruction error per pixel in [-1, 1] units; the data's variance "
-        "is 0.29).\n\n" + "\n".join(md) + "\n")
+        "is 0.29). The last three columns: `metrics.latent_fit` on the 500 probe tuples at the run's end (the data's revised "
+        "latents against the prior; empty for runs that finished before it was written).\n\n" + "\n".join(md) + "\n")
     fig, ax = plt.subplots(1, 4, figsize=(17, 3.6))
     for tag, log in logs.items():
         p = log["probe_coh"].dropna()
