@@ -42,7 +42,7 @@ def latent_columns(f: Path) -> dict:
     "The latent-fit columns of a run's table row (NaN for a run scored before latent_fit.json was written)."
     fit = json.loads(f.read_text()) if f.exists() else None
     nan = float("nan")
-    return {"KL(fit || prior) / dim": fit["kl_fit_to_prior_per_dim"] if fit else nan,
+    return {"KL(fit to prior) / dim": fit["kl_fit_to_prior_per_dim"] if fit else nan,
             "joint coh. from prior": fit["joint_coherence"]["prior"] if fit else nan,
             "joint coh. from z~": fit["joint_coherence"]["revised_latents"] if fit else nan}
 
