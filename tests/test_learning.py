@@ -15,8 +15,9 @@ from mmebm.datasets import data_path_of
 
 N_TEST = 500                  # test tuples scored
 MARGIN = 0.05                 # how far above the constant-digit reference the run must be
-# the `cpu` profile's settings at batch 32 for 250 iterations: 133 s with the probe on the 2-core CPU with nothing else
-# running (275 s with another job on the same cores); the issue asks for 3 minutes. The profile before s_z = 0.2 and
+# the `cpu` profile's settings at batch 32 for 250 iterations: 133-202 s with the probe on the 2-core CPU with nothing
+# else of ours running (the machine's speed varies from run to run; 275 s with another job on the same cores); the
+# issue asks for 3 minutes. The profile before s_z = 0.2 and
 # lambda_S = 5 needed 400 iterations, and at 250 was seen at 0.187 against a threshold of 0.184; the current one at 200
 # was 0.221 / 0.165 against 0.184 / 0.159: too close to cut
 # (diagnostics off: they change nothing an iteration computes, see tests/test_method.py, and cost a few percent)
@@ -37,20 +38,28 @@ def test_constant_digit_reference():
     assert 0.1 <= constant_label_reference(labels) < 0.2      # ten digits, nearly balanced
 
 
-def learned_coherence(cfg, tmp_path):
+@pytest.fixture(scope="module")
+def classifiers():
+    """The data set's coherence classifiers. In a fresh clone the first test that asks for them trains them (about
+    2.5 CPU minutes): a set-up cost of the suite, which `--durations` then reports as this fixture's set-up rather than
+    as part of the learning run."""
+    return get_classifiers(data_path_of(profile(PROFILE)), progress=False)
+
+
+def learned_coherence(cfg, tmp_path, classifiers):
     t = Trainer(cfg, tmp_path / "learn")
     status = t.fit(progress=False)
     assert status["state"] == "completed", status
     test = PolyMNIST(t.data_path, "test")
     torch.manual_seed(0)
-    probe = coherence_probe(test, get_classifiers(t.data_path, progress=False), n=N_TEST)(t.model.eval())
+    probe = coherence_probe(test, classifiers, n=N_TEST)(t.model.eval())
     return probe, constant_label_reference(test.labels[:N_TEST])
 
 
-def test_a_short_cpu_run_is_coherent(tmp_path):
+def test_a_short_cpu_run_is_coherent(tmp_path, classifiers):
     """About two CPU minutes of the `cpu` profile's settings: single-source coherence of the generator on 500 test
     tuples clears the constant-digit reference by a clear margin, from the latent chain and from the experts' means."""
-    probe, reference = learned_coherence(profile(PROFILE, **LEARN), tmp_path)
+    probe, reference = learned_coherence(profile(PROFILE, **LEARN), tmp_path, classifiers)
     print(f"{PROFILE}: {probe}; constant-digit reference {reference:.3f}")
     assert probe["probe_coh"] >= reference + MARGIN, (probe, reference)
     assert probe["probe_coh_mu"] >= reference + MARGIN / 2, (probe, reference)
