@@ -251,7 +251,7 @@ def latent_decodes(model, test, n_grid: int, n_fit: int = 500) -> dict:
     """`metrics.latent_fit`'s three sources as pictures (drawn after everything else, for the same reason): n_grid
     decodes of prior draws, of draws from a Gaussian fitted to the revised latents of the first n_fit test tuples, and
     of the revised latents of the first n_grid test tuples themselves; none for a model without a N(0, I) prior."""
-    if not hasattr(getattr(model, "generator", None), "prior"): return {}
+    if not metrics.has_gaussian_prior(model): return {}
     dev, z = metrics.model_device(model), metrics.revised_latents(model, test, n_fit)
     sources = {"prior": model.generator.prior(n_grid), "gaussian_fit": metrics.fitted_gaussian(z, n_grid), "revised": z[:n_grid]}
     return {f"latent_{k}": _u8(model.decode(v.to(dev))) for k, v in sources.items()}

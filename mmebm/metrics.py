@@ -21,11 +21,11 @@ __all__ = ['ACCURACY_FLOOR', 'CLASSIFIER_VERSION', 'PUBLISHED_CLASSIFIER_FILE', 
            'STANDARD_INCEPTION_SHA256_PREFIX', 'KINDS', 'MetricUnavailable', 'DigitClassifier', 'predict',
            'train_classifiers', 'save_classifiers', 'load_classifiers', 'get_classifiers', 'check_floor',
            'PublishedPolyMNISTClassifier', 'load_published_classifiers', 'save_published_format', 'proper_subsets',
-           'model_device', 'conditional_coherence', 'summarise_conditional', 'unconditional_coherence',
-           'ReferenceModel', 'coherence_probe', 'constant_label_reference', 'revised_latents', 'fitted_gaussian',
-           'latent_fit', 'check_sha256', 'fid_helper_file', 'inception_extractor', 'to_uint8', 'extract',
-           'frechet_distance', 'fingerprint', 'real_features', 'cached_features', 'sample_many', 'parameter_counts',
-           'generation_latency', 'revision_of', 'kinds_of', 'classifier_set', 'coherence_metrics',
+           'model_device', 'conditional_coherence', 'summarise_conditional', 'unconditional_coherence', 'all_agree',
+           'ReferenceModel', 'coherence_probe', 'constant_label_reference', 'has_gaussian_prior', 'revised_latents',
+           'fitted_gaussian', 'latent_fit', 'check_sha256', 'fid_helper_file', 'inception_extractor', 'to_uint8',
+           'extract', 'frechet_distance', 'fingerprint', 'real_features', 'cached_features', 'sample_many',
+           'parameter_counts', 'generation_latency', 'revision_of', 'kinds_of', 'classifier_set', 'coherence_metrics',
            'conditional_samples', 'fid_metrics', 'cost_metrics', 'provenance', 'timed_into', 'inception_scores',
            'write_metrics', 'load_run', 'evaluate']
 
@@ -218,12 +218,12 @@ def unconditional_coherence(model, classifiers: dict, n: int = 1000, batch_size:
                             floor: float | None = None) -> float:
     "Fraction of n prior samples whose M predicted digits all agree (`floor`: the classifiers' accuracy floor, `ACCURACY_FLOOR` unless given)."
     check_floor(classifiers, ACCURACY_FLOOR if floor is None else floor)
-    agree = 0
-    for a in range(0, n, batch_size):
-        out = model.sample(min(batch_size, n - a), revised=revised)
-        preds = torch.stack([predict(c, x.float().cpu()) for c, x in zip(classifiers["models"], out)])
-        agree += int((preds == preds[0]).all(0).sum())
-    return agree / n
+    return sum(all_agree(classifiers, model.sample(min(batch_size, n - a), revised=revised)) for a in range(0, n, batch_size)) / n
+
+def all_agree(classifiers: dict, out: Sequence[torch.Tensor]) -> int:
+    "How many joint samples (one tensor per modality) have all M predicted labels equal."
+    preds = torch.stack([predict(c, x.float().cpu()) for c, x in zip(classifiers["models"], out)])
+    return int((preds == preds[0]).all(0).sum())
 
 # %% ../nbs/06_metrics.ipynb #803d0042
 class ReferenceModel:
@@ -286,6 +286,10 @@ def constant_label_reference(labels) -> float:
     return float(np.bincount(labels).max() / len(labels))
 
 # %% ../nbs/06_metrics.ipynb #4f961eea
+def has_gaussian_prior(model) -> bool:
+    "Whether a model draws its latents from N(0, I) through `model.generator.prior` (ours and its ablations)."
+    return hasattr(getattr(model, "generator", None), "prior")
+
 @torch.no_grad()
 def revised_latents(model, ds: PolyMNIST, n: int, batch_size: int = 250) -> torch.Tensor:
     "z~ = `model.encode` of the first n tuples of ds with all M modalities observed, (n, latent size), on the CPU."
@@ -306,17 +310,12 @@ def latent_fit(model, ds: PolyMNIST, classifiers: dict, n: int = 1000, batch_siz
     coherence of decodes from the prior, from a Gaussian fitted to them, and from the latents themselves. Runs on a
     forked random stream (`seed`), so a caller's stream is left as it was."""
     check_floor(classifiers, ACCURACY_FLOOR if floor is None else floor)
-    if not hasattr(getattr(model, "generator", None), "prior"):
+    if not has_gaussian_prior(model):
         raise MetricUnavailable("latent_fit needs a model with a N(0, I) prior (model.generator.prior)")
-    dev, M, n = model_device(model), model.n_modalities, min(n, len(ds))
+    dev, n = model_device(model), min(n, len(ds))
     def joint(z):
         "Fraction of the decodes of z whose M predicted digits agree."
-        agree = 0
-        for a in range(0, len(z), batch_size):
-            out = model.decode(z[a:a + batch_size].to(dev))
-            preds = torch.stack([predict(c, x.float().cpu()) for c, x in zip(classifiers["models"], out)])
-            agree += int((preds == preds[0]).all(0).sum())
-        return agree / len(z)
+        return sum(all_agree(classifiers, model.decode(z[a:a + batch_size].to(dev))) for a in range(0, len(z), batch_size)) / len(z)
     with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
         torch.manual_seed(seed)
         z = revised_latents(model, ds, n, batch_size)
@@ -632,7 +631,7 @@ def evaluate(run_dir, n_coherence: int = 500, n_fid: int = 1000, n_inception: in
         model, test, ext, key, n_inception, kinds, inception_conditional, progress)))
     timed("cost", lambda: cost_metrics(model, run_dir))
     # last, so that every number above is drawn as before it existed; ours only (a N(0, I) prior)
-    if hasattr(getattr(model, "generator", None), "prior"): timed("latent_fit", lambda: _or_reason(lambda: latent_fit(model, test, clf, n_coherence)))
+    if has_gaussian_prior(model): timed("latent_fit", lambda: _or_reason(lambda: latent_fit(model, test, clf, n_coherence)))
     return write_metrics(run_dir, res)
 
 def _or_reason(fn) -> dict:
