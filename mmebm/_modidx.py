@@ -356,6 +356,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                    'mmebm.experiments._u8': ('experiments.html#_u8', 'mmebm/experiments.py'),
                                    'mmebm.experiments.artefact_note': ('experiments.html#artefact_note', 'mmebm/experiments.py'),
                                    'mmebm.experiments.artefacts_of': ('experiments.html#artefacts_of', 'mmebm/experiments.py'),
+                                   'mmebm.experiments.baseline_eval': ('experiments.html#baseline_eval', 'mmebm/experiments.py'),
                                    'mmebm.experiments.baseline_runs': ('experiments.html#baseline_runs', 'mmebm/experiments.py'),
                                    'mmebm.experiments.baseline_sample_artefacts': ( 'experiments.html#baseline_sample_artefacts',
                                                                                     'mmebm/experiments.py'),

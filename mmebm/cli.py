@@ -134,10 +134,13 @@ def _eval(a):
     # each data set's protocol lives with it (06_metrics, 06b_cub_metrics): chosen by the run's data set (06c_protocols)
     protocol = protocol_of_run(a.run)
     score = baselines.evaluate_baseline if _is_baseline_run(a.run) else protocol.evaluate
+    also = {"n_inception_also": a.n_inception_also} if a.n_inception_also else {}     # PolyMNIST's protocol only
+    if also and protocol.name != "polymnist":
+        raise ValueError(f"--n-inception-also: PolyMNIST runs only; {run} is scored by the {protocol.name} protocol")
     res = score(a.run, n_coherence=a.n, n_fid=a.n_fid, n_inception=a.n_inception,
                            inception_weights=a.inception_weights, inception_route=a.inception_route,
                            inception_conditional=not a.no_inception_conditional, classifiers=a.classifiers,
-                           subsets=a.subsets, progress=not a.quiet)
+                           subsets=a.subsets, progress=not a.quiet, **also)
     if protocol.name == "image_caption": return _print_cub(res, a.run)          # a CUB run (06b_cub_metrics)
     acc = ", ".join(f"{k} {v:.4f}" for k, v in res["classifiers"]["accuracy"].items())
     print(f"classifiers: {res['classifiers']['which']}; test accuracy: {acc}")
@@ -152,6 +155,8 @@ def _eval(a):
         if "unavailable" in f: return print(f"{name}: not reported ({f['unavailable']})")
         for key in (k for k in f if k.startswith(("unconditional_", "conditional_"))):
             print(f"{name} {key} (n={f['n']}{', ' + f['route'] + ' route' if 'route' in f else ''}): mean {f[key]['mean']:.2f}")
+        for m, d in (f.get("at_n") or {}).items():      # the same draws at a smaller n (`--n-inception-also`)
+            for key, v in d.items(): print(f"{name} {key} (first n={m} of the same draws): mean {v['mean']:.2f}")
     fids("classifier-feature FID", res["fid_classifier"])
     fids("Inception FID", res["fid_inception"])
     print(f"wrote {Path(a.run) / 'metrics.json'}")
@@ -217,6 +222,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--n-inception", type=int, default=100, help="images per modality for Inception FID (0: skip)")
     ev.add_argument("--inception-weights", default=None, help="pt_inception-2015-12-05 weights (standard route)")
     ev.add_argument("--inception-route", default="auto", choices=["auto", "standard", "offline"])
+    ev.add_argument("--n-inception-also", type=int, nargs="+", default=None, metavar="N",
+                    help="smaller n at which Inception FID is also given, from the first N of the same draws (the n a "
+                         "table shares with runs scored at that n; PolyMNIST runs)")
     ev.add_argument("--no-inception-conditional", action="store_true",
                     help="Inception FID of unconditional samples only (conditional costs 20 x n images per kind)")
     ev.add_argument("--classifiers", default=None, metavar="FOLDER",

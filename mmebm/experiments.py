@@ -26,9 +26,9 @@ from .baselines import BaselineConfig, baseline_profile, baseline_config_hash, B
 
 # %% auto #0
 __all__ = ['REPRODUCE_ENV', 'PLAN_KEYS', 'CUB_KEYS', 'CUB_ROOT_ENV', 'SWEEPS', 'SMALL_FILES', 'NOTEBOOKS', 'LOOK_FOR',
-           'CAPTION_LINES', 'reproduce_dir', 'load_plan', 'RunSpec', 'baseline_runs', 'cub_data', 'cub_runs',
-           'plan_runs', 'is_baseline', 'run_dir_of', 'hash_of', 'finished_status', 'training_probe', 'train_run',
-           'evaluate_run', 'sample_artefacts', 'latent_decodes', 'cub_sample_artefacts', 'artefacts_of',
+           'CAPTION_LINES', 'reproduce_dir', 'load_plan', 'RunSpec', 'baseline_runs', 'baseline_eval', 'cub_data',
+           'cub_runs', 'plan_runs', 'is_baseline', 'run_dir_of', 'hash_of', 'finished_status', 'training_probe',
+           'train_run', 'evaluate_run', 'sample_artefacts', 'latent_decodes', 'cub_sample_artefacts', 'artefacts_of',
            'baseline_sample_artefacts', 'collect', 'kept_runs', 'held_status', 'RunResults', 'run_notebook',
            'artefact_note', 'write_index', 'update_readme', 'reproduce', 'run_notebooks', 'figures', 'lookup',
            'markdown_table', 'save_table', 'to_signed']
@@ -83,7 +83,8 @@ class RunSpec:
 
 def baseline_runs(plan: dict, base: Config) -> list[RunSpec]:
     """The plan's baseline runs (role `baseline-<key>`): same data, seed and device as ours, the iterations the plan
-    gives each (calibrated to our main run's wall clock in `smoke`), scored with the main run's settings."""
+    gives each (calibrated to our main run's wall clock in `smoke`), scored with the plan's `eval.baselines` when it
+    has one, else with the main run's settings (`eval.main`)."""
     b = plan.get("baselines") or {}
     # `baselines.wall_clock` (optional): a second run of a baseline for about our main run's wall clock, when
     # `iterations` gives it the same number of epochs instead (role `baseline-<key>-wallclock`)
@@ -92,7 +93,13 @@ def baseline_runs(plan: dict, base: Config) -> list[RunSpec]:
     return [RunSpec(role, baseline_profile(key, plan["profile"], name=name, iterations=int(n), epochs=None,
                                            data=base.data, data_seed=base.data_seed, data_limit=base.data_limit,
                                            seed=base.seed, device=base.device, **(b.get("set") or {}).get(key, {})),
-                    (plan.get("eval") or {}).get("main"), artefacts=True) for role, name, key, n in budgets]
+                    baseline_eval(plan), artefacts=True) for role, name, key, n in budgets]
+
+def baseline_eval(plan: dict) -> dict | None:
+    """How the plan scores its baselines: `eval.baselines`, else `eval.main`. A plan may score our main run at a larger
+    n than the baselines to compare its own two kinds (`n_inception` with `n_inception_also` giving the shared n)."""
+    ev = plan.get("eval") or {}
+    return ev.get("baselines", ev.get("main"))
 
 def cub_data(plan: dict) -> str | None:
     """Where the plan's CUB run reads its data: `cub.data` "standin" (or absent) is the offline stand-in; "real" is

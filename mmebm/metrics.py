@@ -527,26 +527,39 @@ def conditional_samples(model, ds: PolyMNIST, src: int, n: int, revised: bool = 
     return [torch.cat(p) for p in zip(*parts)]
 
 def fid_metrics(model, ds: PolyMNIST, extractor, key: str, n: int, kinds=KINDS, conditional: bool = True,
-                progress: bool = False) -> dict:
+                progress: bool = False, also_n: Sequence[int] = ()) -> dict:
     """Frechet distances per modality and on average: unconditional samples, and (`conditional`) each
     target generated from each single other modality, averaged over sources. `extractor` is one feature
-    extractor for every modality or a list of one per modality (the classifiers)."""
+    extractor for every modality or a list of one per modality (the classifiers).
+
+    `also_n`: smaller sample sizes at which the same distances are also given (`out["at_n"][str(n')]`), each from
+    the first n' real and generated features of the same draws. FID falls as n grows, so rows are comparable only at
+    one n: a run scored at a larger n (to compare its own two kinds) still gives the n its table shares with others."""
     M = model.n_modalities; n = min(n, len(ds))
+    also = sorted({int(a) for a in also_n if 1 < int(a) < n})
     ext = list(extractor) if isinstance(extractor, (list, tuple)) else [extractor] * M
     real = [real_features(ds, k, ext[k], key, n, progress) for k in range(M)]
-    fd = lambda k, g, what: frechet_distance(real[k], extract(ext[k], g, progress=progress, desc=f"{what} m{k} {key}"))
+    feats = lambda k, g, what: extract(ext[k], g, progress=progress, desc=f"{what} m{k} {key}")
+    fd = lambda k, f, m=n: frechet_distance(real[k][:m], f[:m])         # at the first m of both
     with_mean = lambda d: d | {"mean": float(np.mean(list(d.values())))}
-    out = {"n": n, "conditional": conditional}
+    out, at = {"n": n, "conditional": conditional}, {m: {} for m in also}
     for kind in kinds:
         gen = sample_many(model, n, kind != "generator")
-        out[f"unconditional_{kind}"] = with_mean({f"m{k}": fd(k, g, kind) for k, g in enumerate(gen)})
+        f_gen = [feats(k, g, kind) for k, g in enumerate(gen)]
+        for m in [n] + also:
+            (out if m == n else at[m])[f"unconditional_{kind}"] = with_mean({f"m{k}": fd(k, f, m) for k, f in enumerate(f_gen)})
         if conditional:
-            per = {t: [] for t in range(M)}
+            per = {m: {t: [] for t in range(M)} for m in [n] + also}
             for src in range(M):      # one generation per source serves every target
                 g = conditional_samples(model, ds, src, n, kind != "generator")
                 for t in range(M):
-                    if t != src: per[t].append(fd(t, g[t], f"{kind} from m{src}"))
-            out[f"conditional_{kind}_single_source"] = with_mean({f"m{t}": float(np.mean(v)) for t, v in per.items()})
+                    if t == src: continue
+                    f = feats(t, g[t], f"{kind} from m{src}")
+                    for m in per: per[m][t].append(fd(t, f, m))
+            for m, p in per.items():
+                (out if m == n else at[m])[f"conditional_{kind}_single_source"] = with_mean(
+                    {f"m{t}": float(np.mean(v)) for t, v in p.items()})
+    if also: out["at_n"] = {str(m): d for m, d in at.items()}
     return out
 
 def cost_metrics(model, run_dir=None) -> dict:
@@ -598,9 +611,11 @@ def load_run(run_dir, load=None):
 
 def evaluate(run_dir, n_coherence: int = 500, n_fid: int = 1000, n_inception: int = 0, inception_weights: str | None = None,
              inception_route: str = "auto", inception_conditional: bool = True, classifiers: str | None = None,
-             subsets: str = "all", kinds=None, progress: bool = True, load=None) -> dict:
+             subsets: str = "all", kinds=None, progress: bool = True, load=None, n_inception_also: Sequence[int] = ()) -> dict:
     """Score a trained PolyMNIST run with the common protocol; write metrics.json and metrics.csv into the run directory.
     n_inception=0 skips Inception FID (recorded as not requested); `classifiers` names the published ones.
+    `n_inception_also`: smaller n at which Inception FID is also given, from the same draws (`fid_metrics`' `also_n`):
+    a run scored at a larger n for its own comparison keeps the n its table shares with the other rows.
     `load(run_dir)` gives the trained run (default: ours, `Trainer.resume`; the baselines pass their own): anything
     with `model`, `cfg` (name, seed), `iteration`, `per_epoch`, `wall_before` and `data_path`. `kinds` defaults to
     `kinds_of(model)`."""
@@ -620,7 +635,7 @@ def evaluate(run_dir, n_coherence: int = 500, n_fid: int = 1000, n_inception: in
                            "sha256": clf["sha256"], "recipe": clf["recipe"]},
            "settings": {"n_coherence": n_coherence, "n_fid": n_fid, "n_inception": n_inception, "inception_route": inception_route,
                         "inception_conditional": inception_conditional, "classifiers": classifiers, "subsets": subsets,
-                        "kinds": list(kinds)}, "seconds": {}}
+                        "kinds": list(kinds), "n_inception_also": sorted(int(a) for a in n_inception_also)}, "seconds": {}}
     timed = lambda name, fn: timed_into(res, name, fn)
     timed("coherence", lambda: coherence_metrics(model, test, clf, n_coherence, kinds, subsets, run_dir, progress))
     # what "above chance" has to beat, kept with the scores so that tables can be redrawn without the data set
@@ -628,7 +643,7 @@ def evaluate(run_dir, n_coherence: int = 500, n_fid: int = 1000, n_inception: in
     timed("fid_classifier", lambda: {"features": "coherence classifier penultimate layer (128-d): not Inception FID"}
           | fid_metrics(model, test, clf["models"], "clf" if not classifiers else "clf-published", n_fid, kinds, progress=progress))
     timed("fid_inception", lambda: inception_scores(n_inception, inception_weights, inception_route, lambda ext, key: fid_metrics(
-        model, test, ext, key, n_inception, kinds, inception_conditional, progress)))
+        model, test, ext, key, n_inception, kinds, inception_conditional, progress, n_inception_also)))
     timed("cost", lambda: cost_metrics(model, run_dir))
     # last, so that every number above is drawn as before it existed; ours only (a N(0, I) prior)
     if has_gaussian_prior(model): timed("latent_fit", lambda: _or_reason(lambda: latent_fit(model, test, clf, n_coherence)))
