@@ -479,6 +479,12 @@ def _run_shows(stem: str, res: "RunResults") -> str | None:
                 + (f", best baseline {same[0]} {_f(same[1])}" if same else "")
                 + (f" (at the same wall clock {wall[0]} {_f(wall[1])})" if wall else "")
                 + (f"; a constant digit scores {_f(ref)}" if ref else ""))
+    if stem == "revision_fid" and lookup(m, "fid_inception", "unconditional_ebm", "mean") is not None:
+        f = m["fid_inception"]
+        g, e = f["unconditional_generator"], f["unconditional_ebm"]
+        lower = sum(e[k] < g[k] for k in g if k != "mean")
+        return (f"Inception FID {g['mean']:.1f} generator, {e['mean']:.1f} EBM-revised (n={f['n']} per modality), "
+                f"lower after revision in {lower} of {len(g) - 1} modalities")
     if stem == "samples_unconditional" and lookup(m, "coherence", "unconditional_generator") is not None:
         return (f"all five digits agree on {_f(lookup(m, 'coherence', 'unconditional_generator'))} of generator samples, "
                 f"{_f(lookup(m, 'coherence', 'unconditional_ebm'))} after the EBM's revision")
@@ -511,6 +517,7 @@ LOOK_FOR = {
     "generator_loss_stats": "the generator's loss with joint (MoE) against independent inference",
     "step_ablation": "what more Langevin steps buy in FID against what they cost in seconds",
     "trajectory_movement": "how far each chain moves samples: the data chain against its noise floor, the latent chain's drop in U",
+    "revision_fid": "whether the EBM's revision lowers FID (revised - generator below 0), and in how many modalities",
     "cost": "parameters and sampling time per model; the EBM's revision multiplies the cost of a sample",
     "cub_table": "coherence in both directions against the constant-species row; caption colours against chance",
     "training_log": "is it learning: the probe's coherence against chance, latent norms near the prior's 1, the data chain above its noise floor",

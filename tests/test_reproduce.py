@@ -24,6 +24,7 @@ TABLES = {
     "ebm_loss_stats": ["run", "setting", "iterations", "mean L_E*T (2nd half)", "std (2nd half)", "mean abs step change"],
     "generator_loss_stats": ["run", "setting", "iterations", "mean L_G (2nd half)", "std L_G (2nd half)", "mean L_I (2nd half)"],
     "trajectory_movement": ["chain", "m0", "m1", "m2", "m3", "m4", "start", "end", "steps"],
+    "revision_fid": ["features", "samples", "n", "kind", "m0", "m1", "m2", "m3", "m4", "mean"],
     "step_ablation": ["sweep", "value", "run", "state", "s/iteration", "FID clf uncond gen", "FID clf uncond EBM",
                       "FID clf cond gen", "coh single-source gen", "coh single-source EBM", "coh uncond gen"],
     "cost": ["model", "parameters (sampling)", "parameters (all)", "ms/sample (batch 64)", "ms (batch 1)", "train s/iteration"],
