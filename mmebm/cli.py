@@ -134,9 +134,7 @@ def _eval(a):
     # each data set's protocol lives with it (06_metrics, 06b_cub_metrics): chosen by the run's data set (06c_protocols)
     protocol = protocol_of_run(a.run)
     score = baselines.evaluate_baseline if _is_baseline_run(a.run) else protocol.evaluate
-    also = {"n_inception_also": a.n_inception_also} if a.n_inception_also else {}     # PolyMNIST's protocol only
-    if also and protocol.name != "polymnist":
-        raise ValueError(f"--n-inception-also: PolyMNIST runs only; {run} is scored by the {protocol.name} protocol")
+    also = {"n_inception_also": a.n_inception_also} if a.n_inception_also else {}
     res = score(a.run, n_coherence=a.n, n_fid=a.n_fid, n_inception=a.n_inception,
                            inception_weights=a.inception_weights, inception_route=a.inception_route,
                            inception_conditional=not a.no_inception_conditional, classifiers=a.classifiers,
@@ -224,7 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--inception-route", default="auto", choices=["auto", "standard", "offline"])
     ev.add_argument("--n-inception-also", type=int, nargs="+", default=None, metavar="N",
                     help="smaller n at which Inception FID is also given, from the first N of the same draws (the n a "
-                         "table shares with runs scored at that n; PolyMNIST runs)")
+                         "table shares with runs scored at that n)")
     ev.add_argument("--no-inception-conditional", action="store_true",
                     help="Inception FID of unconditional samples only (conditional costs 20 x n images per kind)")
     ev.add_argument("--classifiers", default=None, metavar="FOLDER",

@@ -7,6 +7,7 @@
 from __future__ import annotations
 import time
 from pathlib import Path
+from typing import Sequence
 import numpy as np
 import torch
 import torch.nn as nn
@@ -170,21 +171,27 @@ def real_image_features(test: CUBCaptions, extractor, key: str, n: int, progress
     f = test.path / "fid_features" / f"{key}-{fingerprint(extractor)}-{test.split}-images-{split_sha}-n{n}.pt"
     return cached_features(f, lambda: extract(extractor, to_signed(test.images[:n]), progress=progress, desc=f"real images {key}"))
 
-def image_fid(gens: dict, test: CUBCaptions, extractor, key: str, n: int, progress: bool = False) -> dict:
-    "Image FID per kind: unconditional (joint samples) and generated from captions, against the first n real test images."
+def image_fid(gens: dict, test: CUBCaptions, extractor, key: str, n: int, progress: bool = False,
+              also_n: Sequence[int] = ()) -> dict:
+    """Image FID per kind: unconditional (joint samples) and generated from captions, against the first n real test
+    images; `also_n`: the same at smaller n from the first n' of both (`out["at_n"]`, as `metrics.fid_metrics`)."""
     n = min(n, len(test.images))
+    also = sorted({int(a) for a in also_n if 1 < int(a) < n})
     real = real_image_features(test, extractor, key, n, progress)
-    fd = lambda x, what: frechet_distance(real, extract(extractor, x[:n], progress=progress, desc=f"{what} {key}"))
-    out = {"n": n}
+    feats = lambda x, what: extract(extractor, x[:n], progress=progress, desc=f"{what} {key}")
+    out, at = {"n": n}, {m: {} for m in also}
     for kind, g in gens.items():
-        out[f"unconditional_{kind}"] = fd(g["joint_image"], kind)
-        out[f"caption_to_image_{kind}"] = fd(g["caption_to_image"], f"{kind} from captions")
+        for name, f in ((f"unconditional_{kind}", feats(g["joint_image"], kind)),
+                        (f"caption_to_image_{kind}", feats(g["caption_to_image"], f"{kind} from captions"))):
+            out[name] = frechet_distance(real, f)
+            for m in also: at[m][name] = frechet_distance(real[:m], f[:m])
+    if also: out["at_n"] = {str(m): d for m, d in at.items()}
     return out
 
 # %% ../nbs/06b_cub_metrics.ipynb #c94e85b0
 def evaluate_cub(run_dir, n_coherence: int = 500, n_fid: int = 1000, n_inception: int = 0, inception_weights: str | None = None,
                  inception_route: str = "auto", inception_conditional: bool = True, classifiers: str | None = None,
-                 subsets: str = "all", kinds=None, progress: bool = True, load=None) -> dict:
+                 subsets: str = "all", kinds=None, progress: bool = True, load=None, n_inception_also: Sequence[int] = ()) -> dict:
     """Score a trained CUB (or stand-in) run with this protocol; write metrics.json and metrics.csv into the run
     directory. The keywords are `metrics.evaluate`'s, so that a caller can choose either by the run's data set
     (`protocols.protocol_of_run`); `inception_conditional` and `subsets` have no meaning with two modalities (caption ->
@@ -196,7 +203,7 @@ def evaluate_cub(run_dir, n_coherence: int = 500, n_fid: int = 1000, n_inception
     test = CUBCaptions(t.data_path, "test")
     res = {"provenance": provenance(run_dir, t),
            "settings": {"n_coherence": n_coherence, "n_fid": n_fid, "n_inception": n_inception, "inception_route": inception_route,
-                        "kinds": list(kinds)}, "seconds": {}}
+                        "kinds": list(kinds), "n_inception_also": sorted(int(a) for a in n_inception_also)}, "seconds": {}}
     try:
         clf = get_cub_classifiers(t.data_path, progress=progress)
         res["classifiers"] = {"which": "mmebm's own (trained by the package)", "path": clf["path"], "sha256": clf["sha256"],
@@ -233,6 +240,6 @@ def evaluate_cub(run_dir, n_coherence: int = 500, n_fid: int = 1000, n_inception
                 | image_fid(gens, test, clf["models"][0], "cubclf", n_fid, progress))
     timed("fid_classifier", fid_classifier)
     timed("fid_inception", lambda: inception_scores(n_inception, inception_weights, inception_route,
-                                                    lambda ext, key: image_fid(gens, test, ext, key, n_inception, progress)))
+                                                    lambda ext, key: image_fid(gens, test, ext, key, n_inception, progress, n_inception_also)))
     timed("cost", lambda: cost_metrics(model, run_dir))
     return write_metrics(run_dir, res)
