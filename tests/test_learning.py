@@ -15,7 +15,7 @@ from mmebm.datasets import data_path_of
 
 N_TEST = 500                  # test tuples scored
 MARGIN = 0.05                 # how far above the constant-digit reference the run must be
-# the `cpu` profile's settings at batch 32 for 250 iterations: 133-202 s with the probe on the 2-core CPU with nothing
+# the `cpu` profile's settings at batch 32 for 250 iterations: 124-202 s with the probe on the 2-core CPU with nothing
 # else of ours running (the machine's speed varies from run to run; 275 s with another job on the same cores); the
 # issue asks for 3 minutes. The profile before s_z = 0.2 and
 # lambda_S = 5 needed 400 iterations, and at 250 was seen at 0.187 against a threshold of 0.184; the current one at 200
