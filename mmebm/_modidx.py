@@ -367,6 +367,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                                                                'mmebm/experiments.py'),
                                    'mmebm.experiments.evaluate_run': ('experiments.html#evaluate_run', 'mmebm/experiments.py'),
                                    'mmebm.experiments.figures': ('experiments.html#figures', 'mmebm/experiments.py'),
+                                   'mmebm.experiments.finished_in': ('experiments.html#finished_in', 'mmebm/experiments.py'),
                                    'mmebm.experiments.finished_status': ('experiments.html#finished_status', 'mmebm/experiments.py'),
                                    'mmebm.experiments.hash_of': ('experiments.html#hash_of', 'mmebm/experiments.py'),
                                    'mmebm.experiments.held_status': ('experiments.html#held_status', 'mmebm/experiments.py'),

@@ -27,11 +27,11 @@ from .baselines import BaselineConfig, baseline_profile, baseline_config_hash, B
 # %% auto #0
 __all__ = ['REPRODUCE_ENV', 'PLAN_KEYS', 'CUB_KEYS', 'CUB_ROOT_ENV', 'SWEEPS', 'SMALL_FILES', 'NOTEBOOKS', 'LOOK_FOR',
            'CAPTION_LINES', 'reproduce_dir', 'load_plan', 'RunSpec', 'baseline_runs', 'baseline_eval', 'cub_data',
-           'cub_runs', 'plan_runs', 'is_baseline', 'run_dir_of', 'hash_of', 'finished_status', 'training_probe',
-           'train_run', 'evaluate_run', 'sample_artefacts', 'latent_decodes', 'cub_sample_artefacts', 'artefacts_of',
-           'baseline_sample_artefacts', 'collect', 'kept_runs', 'held_status', 'RunResults', 'run_notebook',
-           'artefact_note', 'write_index', 'update_readme', 'reproduce', 'run_notebooks', 'figures', 'lookup',
-           'markdown_table', 'save_table', 'to_signed']
+           'cub_runs', 'plan_runs', 'is_baseline', 'run_dir_of', 'hash_of', 'finished_status', 'finished_in',
+           'training_probe', 'train_run', 'evaluate_run', 'sample_artefacts', 'latent_decodes', 'cub_sample_artefacts',
+           'artefacts_of', 'baseline_sample_artefacts', 'collect', 'kept_runs', 'held_status', 'RunResults',
+           'run_notebook', 'artefact_note', 'write_index', 'update_readme', 'reproduce', 'run_notebooks', 'figures',
+           'lookup', 'markdown_table', 'save_table', 'to_signed']
 
 # %% ../nbs/08_experiments.ipynb #b6adb82a
 REPRODUCE_ENV = "MMEBM_REPRODUCE_DIR"
@@ -166,16 +166,22 @@ def hash_of(spec: RunSpec) -> str:
 
 def finished_status(spec: RunSpec) -> dict | None:
     "The run's status when it completed with exactly this config and budget (a time budget aside), else None."
+    return None if spec.skip else finished_in(run_dir_of(spec), spec.cfg)
+
+def finished_in(run_dir, cfg) -> dict | None:
+    """The status of the run in run_dir when it completed with exactly `cfg` (ours or a baseline's; a time budget
+    aside), else None: what lets a script that names its own run folders (reproduce/dynamics.py) skip finished runs."""
     from mmebm.config import load_config
-    d = run_dir_of(spec)
-    if spec.skip or not ((d / "status.json").exists() and (d / "config.yaml").exists()): return None
+    d = Path(run_dir)
+    if not ((d / "status.json").exists() and (d / "config.yaml").exists()): return None
     status = read_json(d / "status.json")          # None if unreadable (then the run continues from its checkpoint)
     if status is None: return None
     saved = yaml.safe_load((d / "config.yaml").read_text()) or {}
-    if baselines.is_baseline_config(saved) != is_baseline(spec): return None
-    load = baselines.load_baseline_config if is_baseline(spec) else load_config
+    baseline = isinstance(cfg, BaselineConfig)
+    if baselines.is_baseline_config(saved) != baseline: return None
+    load = baselines.load_baseline_config if baseline else load_config
     # saved configs are resolved (CUB: the modalities the data has), so compare with the resolved plan config
-    same = load(d / "config.yaml").replace(max_minutes=None) == resolve_config(spec.cfg).replace(max_minutes=None)
+    same = load(d / "config.yaml").replace(max_minutes=None) == resolve_config(cfg).replace(max_minutes=None)
     return status if status.get("state") == "completed" and same else None
 
 def training_probe(cfg: Config, n: int = 500):

@@ -10,8 +10,7 @@ from pathlib import Path
 import pandas as pd
 import yaml
 from mmebm.train import Trainer, profile, train, runs_root
-from mmebm.config import config_hash
-from mmebm.experiments import training_probe
+from mmebm.experiments import finished_in, training_probe
 from mmebm import metrics
 from mmebm.data import PolyMNIST
 
@@ -24,11 +23,9 @@ def run(tag: str, spec: dict, plan: dict):
                   **{k: tuple(v) if k in ("betas", "betas_E") else v for k, v in (spec.get("set") or {}).items()})
     cfg = cfg.replace(name=f"dynamics-{tag}")
     d, dest = runs_root() / OUT.name / tag, OUT / tag
-    status = json.loads((d / "status.json").read_text()) if (d / "status.json").exists() else {}
-    if status.get("state") == "completed" and status.get("iteration") == cfg.iterations and status.get("config_hash") == config_hash(cfg):
-        t = Trainer.resume(d)          # finished: its status (and the revision that trained it) stand
-    else:
-        t, status = train(cfg, d, probe=training_probe(cfg))
+    status = finished_in(d, cfg)
+    if status: t = Trainer.resume(d)          # finished: its status (and the revision that trained it) stand
+    else: t, status = train(cfg, d, probe=training_probe(cfg))
     dest.mkdir(parents=True, exist_ok=True)
     for f in ("log.csv", "config.yaml", "status.json"): shutil.copy(t.run_dir / f, dest / f)
     if status["state"] == "completed" and cfg.dataset == "polymnist":
