@@ -613,6 +613,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                              'mmebm.train.plain_rng': ('train.html#plain_rng', 'mmebm/train.py'),
                              'mmebm.train.plot_log': ('train.html#plot_log', 'mmebm/train.py'),
                              'mmebm.train.quick_checks': ('train.html#quick_checks', 'mmebm/train.py'),
+                             'mmebm.train.raise_ebm_lr': ('train.html#raise_ebm_lr', 'mmebm/train.py'),
                              'mmebm.train.resolve_device': ('train.html#resolve_device', 'mmebm/train.py'),
                              'mmebm.train.rng_state': ('train.html#rng_state', 'mmebm/train.py'),
                              'mmebm.train.runs_root': ('train.html#runs_root', 'mmebm/train.py'),

@@ -67,7 +67,8 @@ CONFIG_RULES = {
                                        "batch_size", "lr_E", "lr_G", "lr_I", "checkpoint_every", "guard_threshold",
                                        "data_limit", "epochs", "max_minutes")},
     **{k: (_non_negative, ">= 0") for k in ("K_x", "K_z", "n_z", "lambda_S", "lambda_I", "wd_E", "wd_G", "wd_I",
-                                            "iterations", "probe_every", "data_seed", "seed")},
+                                            "iterations", "probe_every", "data_seed", "seed", "lr_E_late_at")},
+    "lr_E_late": (_positive, "> 0, or null"),
     "lr_decay": (lambda v: 0 < v <= 1, "in (0, 1]"),
     "betas": (_betas, "two numbers in [0, 1)"), "betas_E": (_betas, "two numbers in [0, 1), or null"),
     "likelihood": one_of("gaussian", "laplace"), "latent": one_of("shared", "independent"),
@@ -127,6 +128,10 @@ class Config:
     wd_G: float = 5e-4
     wd_I: float = 5e-4
     lr_decay: float = 0.998
+    # the EBM's learning rate raised once the generator is coherent (issue 37): from iteration `lr_E_late_at` on, the
+    # EBM's rate is `lr_E_late` (times the decay so far); None keeps lr_E throughout (the paper)
+    lr_E_late: float | None = None
+    lr_E_late_at: int = 0
     # budgets and bookkeeping
     iterations: int = 1000
     epochs: float | None = None            # if set, iterations = ceil(epochs * iterations per epoch)
@@ -159,7 +164,8 @@ class Config:
 BUDGET_KEYS = ("iterations", "epochs", "max_minutes", "checkpoint_every", "name", "diagnostics", "probe_every")
 # Fields added after runs already existed: left out of the hash while at their defaults, so that those runs (and
 # the results that cite their hashes) keep their identity; set to anything else, they are part of it.
-LATER_FIELDS = {"channels_last": False, "compile": None, "dataset": "polymnist", "modalities": None, "betas_E": None}
+LATER_FIELDS = {"channels_last": False, "compile": None, "dataset": "polymnist", "modalities": None, "betas_E": None,
+                "lr_E_late": None, "lr_E_late_at": 0}
 
 def config_hash(cfg: Config) -> str:
     "Eight hex digits identifying what a config computes per iteration (budgets excluded)."

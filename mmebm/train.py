@@ -19,10 +19,10 @@ from . import scale
 from .config import Config, profile, config_hash, save_config, load_config, BUDGET_KEYS     # profile: for the examples
 
 # %% auto #0
-__all__ = ['MODEL_KEYS', 'LOG_COLUMNS', 'PROBE_COLUMNS', 'build_model', 'build_optimisers', 'resolve_device', 'quick_checks',
-           'Trainer', 'default_run_dir', 'train', 'runs_root', 'git_revision', 'threads_seen', 'cpu_signature',
-           'device_name', 'log_columns', 'cut_log', 'plain_rng', 'rng_state', 'set_rng_state', 'CheckpointError',
-           'load_checkpoint_file', 'upgrade_checkpoint', 'plot_log']
+__all__ = ['MODEL_KEYS', 'LOG_COLUMNS', 'PROBE_COLUMNS', 'build_model', 'build_optimisers', 'raise_ebm_lr', 'resolve_device',
+           'quick_checks', 'Trainer', 'default_run_dir', 'train', 'runs_root', 'git_revision', 'threads_seen',
+           'cpu_signature', 'device_name', 'log_columns', 'cut_log', 'plain_rng', 'rng_state', 'set_rng_state',
+           'CheckpointError', 'load_checkpoint_file', 'upgrade_checkpoint', 'plot_log']
 
 # %% ../nbs/05_train.ipynb #ac543e23
 MODEL_KEYS = tuple(p for p in inspect.signature(MMEBM).parameters)
@@ -38,6 +38,14 @@ def build_optimisers(model: MMEBM, cfg: Config):
            "G": adam(model.generator.parameters(), cfg.lr_G, cfg.wd_G),
            "I": adam(model.inference.parameters(), cfg.lr_I, cfg.wd_I)}
     return opt, {k: torch.optim.lr_scheduler.ExponentialLR(o, gamma=cfg.lr_decay) for k, o in opt.items()}
+
+def raise_ebm_lr(opt_E, cfg: Config, iteration: int) -> bool:
+    """At iteration `cfg.lr_E_late_at`, multiply the EBM's learning rate by lr_E_late / lr_E (the decay so far is
+    kept); True when it did. Called before every iteration: the new rate lives in the optimiser's own state, so a
+    run resumed after the switch keeps it and one resumed before makes it at the same iteration."""
+    if cfg.lr_E_late is None or iteration != cfg.lr_E_late_at: return False
+    for g in opt_E.param_groups: g["lr"] *= cfg.lr_E_late / cfg.lr_E
+    return True
 
 def resolve_device(name: str = "auto") -> torch.device:
     "cuda when there is one (for `auto`); under a process group on CUDA, this rank's GPU."
@@ -190,6 +198,7 @@ class Trainer:
                     batches, batches_epoch = self.train_ds.batches(cfg.batch_size, seed=cfg.seed, epoch=epoch, start=j), epoch
                 x, _ = next(batches)
                 x = scale.shard(x, self.ranks)   # every rank draws the same global batch and keeps its rows
+                raise_ebm_lr(self.opt["E"], cfg, self.iteration)
                 try:
                     row = self.step(scale.to_memory_format([t.to(self.device, non_blocking=True) for t in x], cfg.channels_last))
                 except Diverged as e:
