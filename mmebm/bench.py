@@ -5,7 +5,8 @@ behind the cost table and `mmebm bench`. Benchmarks print figures; no unit test 
 
 # %% ../nbs/05b_bench.ipynb #26701743
 from __future__ import annotations
-import math, time
+import math, platform, time
+from pathlib import Path
 import numpy as np
 import torch
 from .nets import token_logits
@@ -17,7 +18,7 @@ from .datasets import dataset_for, resolve_config
 from .train import resolve_device, build_model, build_optimisers, device_name
 
 # %% auto #0
-__all__ = ['median_time', 'benchmark', 'sampling_throughput', 'format_benchmark']
+__all__ = ['SWITCHES', 'median_time', 'benchmark', 'sampling_throughput', 'format_benchmark', 'cpu_model', 'compare_switches']
 
 # %% ../nbs/05b_bench.ipynb #0ecd5e55
 def median_time(fn, repeats: int = 3, warmup: int = 1, device=None) -> float:
@@ -119,3 +120,36 @@ def format_benchmark(table) -> str:
             f"\none-step generator sampling: {a['generator_images_per_s']:,.0f} images/s; DDPM refiner ({a['refiner_steps']} steps, "
             f"{a['refiner_parameters'] / 1e6:.2f}M parameters, one timed pass x steps): {a['refiner_images_per_s']:,.1f} images/s; "
             f"generator / refiner: {a['generator_over_refiner']:,.0f}x")
+
+# %% ../nbs/05b_bench.ipynb #a6241eb6
+SWITCHES = {"plain": {}, "channels_last": {"channels_last": True}, "amp": {"amp": True},
+            "amp+channels_last": {"amp": True, "channels_last": True}}
+
+def cpu_model() -> dict:
+    "The CPU's model name and its bf16 instruction sets (AVX512-BF16, AMX-BF16), read from /proc/cpuinfo where it exists."
+    info = Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []
+    field = lambda k: next((l.split(":", 1)[1].strip() for l in info if l.startswith(k)), "")
+    flags = set(field("flags").split())
+    return {"cpu_model": field("model name") or platform.processor() or platform.machine(),
+            "bf16_units": " ".join(f for f in ("avx512_bf16", "amx_bf16") if f in flags) or "none"}
+
+def compare_switches(cfg: Config, switches: dict | None = None, threads=(1, 2), repeats: int = 3, warmup: int = 1):
+    """One row per (switch, thread count): seconds per iteration, the sum of its parts, each part, and the speed-up
+    over the first switch at the same thread count; every row names the device, the CPU model and the threads."""
+    import pandas as pd
+    switches, rows, before = switches or SWITCHES, [], torch.get_num_threads()
+    try:
+        for n in threads:
+            torch.set_num_threads(n)
+            for name, overrides in switches.items():
+                tb = benchmark(cfg.replace(**overrides), repeats=repeats, warmup=warmup)
+                sec = dict(zip(tb.part, tb.seconds))
+                rows.append({"switch": name, "threads": n, "seconds_per_iteration": sec["iteration"],
+                             "sum_of_parts": sec["sum of parts"]} | {f"sec {k}": v for k, v in sec.items()
+                                                                     if k not in ("iteration", "sum of parts")}
+                            | {"batch_size": cfg.batch_size, "device": tb.attrs["device"]} | cpu_model())
+    finally:
+        torch.set_num_threads(before)
+    table = pd.DataFrame(rows)
+    base = table.groupby("threads")["seconds_per_iteration"].transform("first")
+    return table.assign(speedup=base / table["seconds_per_iteration"])

@@ -102,6 +102,15 @@ def _train(a):
 
 def _bench(a):
     from mmebm import bench
+    if a.compare:       # every fast-path switch side by side, at each thread count (bench.compare_switches)
+        table = bench.compare_switches(_config(a), threads=a.threads, repeats=a.repeats)
+        print(table[["switch", "threads", "seconds_per_iteration", "sum_of_parts", "speedup"]].to_string(
+            index=False, float_format=lambda v: f"{v:.3f}"))
+        print(f"CPU: {table.cpu_model.iloc[0]} (bf16 units: {table.bf16_units.iloc[0]}); batch {table.batch_size.iloc[0]}")
+        if a.out:
+            out = Path(a.out); out.parent.mkdir(parents=True, exist_ok=True); table.to_csv(out, index=False)
+            print(f"wrote {out}")
+        return 0
     table = bench.benchmark(_config(a), repeats=a.repeats)
     print(bench.format_benchmark(table))
     if a.out:       # the parts as CSV, every figure (with the device) as columns; the printed summary beside it
@@ -210,7 +219,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="train a baseline instead (mmvae_plus, mopoe, mwb, code, helvae, diff_cmvae; nbs/07a-07f)")
     t.set_defaults(func=_train)
     bn = sub.add_parser("bench", help="time one training iteration and each of its parts")
-    bn.add_argument("--repeats", type=int, default=3)
+    bn.add_argument("--repeats", type=int, default=3, help="timed calls per figure, after one warm-up (default 3)")
+    bn.add_argument("--compare", action="store_true",
+                    help="time plain fp32, channels_last, amp (bf16) and both side by side (one row per switch and thread count)")
+    bn.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="thread counts for --compare (default: 1 2)")
     bn.add_argument("--out", default=None, help="also write the table as CSV (and the summary as .txt beside it)")
     bn.set_defaults(func=_bench)
     ev = sub.add_parser("eval", help="score a trained run: coherence, FID, cost")

@@ -98,6 +98,7 @@ class Config:
     ebm_feat: int = 128
     ebm_hidden: int = 256
     sn_head: bool = False                  # spectral norm on the EBM head too (docs/method.md: SN trunk, plain MLP head)
+    sn_trunk: bool = True                  # spectral norm on the EBM's trunks (False: an ablation of the EBM's gain, issue 37)
     likelihood: str = "gaussian"           # or "laplace"
     sigma: float = 0.3
     # ablation switches
@@ -165,7 +166,7 @@ BUDGET_KEYS = ("iterations", "epochs", "max_minutes", "checkpoint_every", "name"
 # Fields added after runs already existed: left out of the hash while at their defaults, so that those runs (and
 # the results that cite their hashes) keep their identity; set to anything else, they are part of it.
 LATER_FIELDS = {"channels_last": False, "compile": None, "dataset": "polymnist", "modalities": None, "betas_E": None,
-                "lr_E_late": None, "lr_E_late_at": 0}
+                "lr_E_late": None, "lr_E_late_at": 0, "sn_trunk": True}
 
 def config_hash(cfg: Config) -> str:
     "Eight hex digits identifying what a config computes per iteration (budgets excluded)."

@@ -27,7 +27,7 @@ __all__ = ['ACCURACY_FLOOR', 'CLASSIFIER_VERSION', 'PUBLISHED_CLASSIFIER_FILE', 
            'extract', 'frechet_distance', 'fingerprint', 'real_features', 'cached_features', 'sample_many',
            'parameter_counts', 'generation_latency', 'revision_of', 'kinds_of', 'classifier_set', 'coherence_metrics',
            'conditional_samples', 'fid_metrics', 'cost_metrics', 'provenance', 'timed_into', 'inception_scores',
-           'write_metrics', 'load_run', 'evaluate']
+           'write_metrics', 'load_run', 'evaluate', 'chain_length_effect']
 
 # %% ../nbs/06_metrics.ipynb #28dc7c58
 class MetricUnavailable(RuntimeError):
@@ -653,3 +653,34 @@ def _or_reason(fn) -> dict:
     "fn(), or the reason it cannot be computed honestly."
     try: return fn()
     except MetricUnavailable as e: return {"unavailable": str(e)}
+
+# %% ../nbs/06_metrics.ipynb #446e898f
+@torch.no_grad()
+def chain_length_effect(model, ds: PolyMNIST, classifiers: dict, n: int = 500, steps: Sequence[int] = (0, 5, 30, 70),
+                        batch_size: int = 250, floor: float | None = None, seed: int = 0, extractor=None,
+                        key: str = "clf") -> dict:
+    """Unconditional samples revised by ever longer chains on the EBM (see above): per total length K in `steps`, the
+    joint coherence of n prior draws, the Frechet distance per modality (classifier features, or `extractor`'s under
+    `key`, e.g. Inception) to n test images, and the mean |x~_K - x0| per element."""
+    check_floor(classifiers, ACCURACY_FLOOR if floor is None else floor)
+    steps, n, M = sorted({int(k) for k in steps}), min(n, len(ds)), model.n_modalities
+    dev = model_device(model)
+    ext = list(extractor) if isinstance(extractor, (list, tuple)) else [extractor] * M if extractor else classifiers["models"]
+    real = [real_features(ds, k, ext[k], key, n) for k in range(M)]
+    out = {"n": n, "features": key, "K_x_training": model.kx["n_steps"], "steps": {}}
+    with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
+        torch.manual_seed(seed)
+        x0 = [model.initial_x(model.generator.prior(min(batch_size, n - a), dev)) for a in range(0, n, batch_size)]
+        x, done = [list(b) for b in x0], 0
+        for K in steps:
+            if K > done: x = [model.revise_x(b, K=K - done).samples for b in x]
+            done = K
+            joined = [torch.cat([b[m].float().cpu() for b in x]) for m in range(M)]
+            start = [torch.cat([b[m].float().cpu() for b in x0]) for m in range(M)]
+            fid = {f"m{m}": frechet_distance(real[m], extract(ext[m], joined[m])) for m in range(M)}
+            out["steps"][str(K)] = {
+                "joint_coherence": sum(all_agree(classifiers, [t[a:a + batch_size] for t in joined])
+                                       for a in range(0, n, batch_size)) / n,
+                "fid": fid | {"mean": float(np.mean(list(fid.values())))},
+                "move_per_element": float(np.mean([(a - b).abs().mean().item() for a, b in zip(joined, start)]))}
+    return out

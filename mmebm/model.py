@@ -34,10 +34,11 @@ def modality_specs(n_modalities: int = 5, size: int = 28, channels: int = 3, mod
 class MultimodalEBM(nn.Module):
     "f_a(x_1..x_M): per-modality spectral-normalised trunks, features concatenated, an MLP head to one scalar."
     def __init__(self, n_modalities: int = 5, size: int = 28, channels: int = 3, width: int = 32,
-                 feat_dim: int = 128, hidden: int = 256, sn_head: bool = False, modalities: Sequence[dict] | None = None):
+                 feat_dim: int = 128, hidden: int = 256, sn_head: bool = False, modalities: Sequence[dict] | None = None,
+                 sn_trunk: bool = True):
         super().__init__()
-        trunk = lambda s: (EnergyTrunk(s["size"], s["channels"], width, feat_dim) if s["kind"] == "image"
-                           else TextEnergyTrunk(s["vocab"], s["length"], width=width, feat_dim=feat_dim))
+        trunk = lambda s: (EnergyTrunk(s["size"], s["channels"], width, feat_dim, sn=sn_trunk) if s["kind"] == "image"
+                           else TextEnergyTrunk(s["vocab"], s["length"], width=width, feat_dim=feat_dim, sn=sn_trunk))
         self.trunks = nn.ModuleList(trunk(s) for s in modality_specs(n_modalities, size, channels, modalities))
         self.head = EnergyHead(n_modalities * feat_dim, hidden, sn_head)
 
@@ -162,12 +163,13 @@ class MMEBM(nn.Module):
                  sn_head: bool = False, sigma: float = 0.3, likelihood: str = "gaussian",
                  K_x: int = 30, s_x: float = 0.3, n_x: float = 1e-3, K_z: int = 10, s_z: float = 0.1,
                  n_z: float = 0.1, moe_init: str = "random_expert", ebm_init: str = "generator",
-                 modalities: Sequence[dict] | None = None):
+                 modalities: Sequence[dict] | None = None, sn_trunk: bool = True):
         super().__init__()
         if inference not in ("moe", "independent"): raise ValueError(f"inference must be moe or independent, not {inference!r}")
         if ebm_init not in ("generator", "noise"): raise ValueError(f"ebm_init must be generator or noise, not {ebm_init!r}")
         self.n_modalities, self.inference_mode, self.moe_init, self.ebm_init = n_modalities, inference, moe_init, ebm_init
-        self.ebm = MultimodalEBM(n_modalities, image_size, channels, ebm_width, ebm_feat, ebm_hidden, sn_head, modalities)
+        self.ebm = MultimodalEBM(n_modalities, image_size, channels, ebm_width, ebm_feat, ebm_hidden, sn_head, modalities,
+                                 sn_trunk=sn_trunk)
         self.generator = SharedLatentGenerator(n_modalities, latent_dim, image_size, channels, dec_width, latent, sigma, likelihood,
                                                modalities)
         self.inference = MoEInference(n_modalities, latent_dim, image_size, channels, enc_width, enc_hidden, latent,

@@ -64,13 +64,14 @@ class ImageDecoder(nn.Module):
 
 # %% ../nbs/01_nets.ipynb #7edd1a5a
 class EnergyTrunk(nn.Module):
-    "e_m: x (B, C, size, size) -> features (B, feat_dim), spectral-normalised."
-    def __init__(self, size: int = 28, channels: int = 3, width: int = 32, feat_dim: int = 128):
+    "e_m: x (B, C, size, size) -> features (B, feat_dim), spectral-normalised (unless `sn=False`: an ablation)."
+    def __init__(self, size: int = 28, channels: int = 3, width: int = 32, feat_dim: int = 128, sn: bool = True):
         super().__init__()
         sides = side_lengths(size); chans = _widths(width, len(sides) - 1)
-        layers, c_in = [spectral_norm(nn.Conv2d(channels, width, 3, 1, 1)), nn.LeakyReLU(0.2)], width
-        for c in chans: layers += [spectral_norm(nn.Conv2d(c_in, c, 3, 2, 1)), nn.LeakyReLU(0.2)]; c_in = c
-        layers += [nn.Flatten(), spectral_norm(nn.Linear(c_in * sides[-1] ** 2, feat_dim)), nn.LeakyReLU(0.2)]
+        wrap = spectral_norm if sn else (lambda m: m)
+        layers, c_in = [wrap(nn.Conv2d(channels, width, 3, 1, 1)), nn.LeakyReLU(0.2)], width
+        for c in chans: layers += [wrap(nn.Conv2d(c_in, c, 3, 2, 1)), nn.LeakyReLU(0.2)]; c_in = c
+        layers += [nn.Flatten(), wrap(nn.Linear(c_in * sides[-1] ** 2, feat_dim)), nn.LeakyReLU(0.2)]
         self.net = nn.Sequential(*layers)
 
     def forward(self, x): return self.net(x)
@@ -148,11 +149,12 @@ class TextDecoder(nn.Module):
 
 class TextEnergyTrunk(nn.Module):
     "e_text: caption logits (B, L, V) -> features (B, feat_dim): softmax, a linear embedding, spectral-normalised convs."
-    def __init__(self, vocab: int, length: int = 32, embed: int = 64, width: int = 32, feat_dim: int = 128):
+    def __init__(self, vocab: int, length: int = 32, embed: int = 64, width: int = 32, feat_dim: int = 128, sn: bool = True):
         super().__init__()
-        self.embed = spectral_norm(nn.Linear(vocab, embed, bias=False))
-        self.conv, c = _conv1d_stack(embed, width, 3, spectral_norm, lambda: nn.LeakyReLU(0.2))
-        self.out = nn.Sequential(nn.Flatten(), spectral_norm(nn.Linear(c * (length // 8), feat_dim)), nn.LeakyReLU(0.2))
+        wrap = spectral_norm if sn else (lambda m: m)
+        self.embed = wrap(nn.Linear(vocab, embed, bias=False))
+        self.conv, c = _conv1d_stack(embed, width, 3, wrap, lambda: nn.LeakyReLU(0.2))
+        self.out = nn.Sequential(nn.Flatten(), wrap(nn.Linear(c * (length // 8), feat_dim)), nn.LeakyReLU(0.2))
 
     def forward(self, x): return self.out(self.conv(self.embed(torch.softmax(x, -1)).transpose(1, 2)))
 

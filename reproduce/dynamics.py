@@ -5,7 +5,7 @@ figure and table the training notebooks cite.
     python reproduce/dynamics.py [TAG ...]                               # all runs, or only the named ones
     python reproduce/dynamics.py --plan reproduce/dynamics-400.yaml      # the 400-iteration runs (nbs/05a_config)
 """
-import argparse, json, shutil
+import argparse, json, math, shutil
 from pathlib import Path
 import pandas as pd
 import yaml
@@ -32,6 +32,11 @@ def run(tag: str, spec: dict, plan: dict):
         # where the data's revised latents lie against the prior at the end (nbs/06_metrics, latent_fit), on the probe's tuples
         fit = metrics.latent_fit(t.model.eval(), PolyMNIST(t.data_path, "test"), metrics.get_classifiers(t.data_path), n=500)
         (dest / "latent_fit.json").write_text(json.dumps(fit, indent=1) + "\n")
+        if plan.get("chain_steps"):
+            # what the EBM's revision does to prior samples as its chain grows at sampling time only (nbs/06_metrics)
+            eff = metrics.chain_length_effect(t.model.eval(), PolyMNIST(t.data_path, "test"),
+                                              metrics.get_classifiers(t.data_path), n=500, steps=plan["chain_steps"])
+            (dest / "chain.json").write_text(json.dumps(eff, indent=1) + "\n")
     print(f"{tag}: {status['state']} at {status['iteration']}")
 
 
@@ -42,6 +47,18 @@ def latent_columns(f: Path) -> dict:
     return {"KL(fit to prior) / dim": fit["kl_fit_to_prior_per_dim"] if fit else nan,
             "joint coh. from prior": fit["joint_coherence"]["prior"] if fit else nan,
             "joint coh. from z~": fit["joint_coherence"]["revised_latents"] if fit else nan}
+
+
+def chain_columns(f: Path, run_cfg: dict) -> dict:
+    "The sampling-chain columns of a run's table row: joint coherence and classifier FID at 0, K_x and the longest chain."
+    eff = json.loads(f.read_text())["steps"] if f.exists() else {}
+    if not eff: return {}
+    longest, K_x = max(eff, key=int), int(run_cfg["K_x"])
+    return {"uncond. coh. gen / rev / long": "{:.3f} / {:.3f} / {:.3f}".format(
+                eff["0"]["joint_coherence"], eff[str(K_x)]["joint_coherence"], eff[longest]["joint_coherence"]),
+            "clf FID gen / rev / long": "{:.1f} / {:.1f} / {:.1f}".format(
+                eff["0"]["fid"]["mean"], eff[str(K_x)]["fid"]["mean"], eff[longest]["fid"]["mean"]),
+            "sampling move / floor (K_x)": eff[str(K_x)]["move_per_element"] / (run_cfg["n_x"] * (K_x * 2 / math.pi) ** 0.5)}
 
 
 def summarise(plan: dict):
@@ -67,17 +84,23 @@ def summarise(plan: dict):
                      "rec from expert mean": last[[f"rec_mu_{m}" for m in range(M)]].mean(),
                      "z0 norm": last["z0_norm"], "z~ norm": last["zrev_norm"], "expert log-var": last["logvar_I"],
                      "x move / floor": last["x_move"] / last["x_noise_floor"], "mean dE/dx": last["grad_x"]}
-                    | latent_columns(f.parent / "latent_fit.json"))
+                    | latent_columns(f.parent / "latent_fit.json")
+                    | chain_columns(f.parent / "chain.json", yaml.safe_load((f.parent / "config.yaml").read_text())))
     table = pd.DataFrame(rows)
     fmt = lambda v: f"{v:.3g}" if isinstance(v, float) else str(v)
     md = ["| " + " | ".join(table.columns) + " |", "|" + "---|" * len(table.columns)]
     md += ["| " + " | ".join(fmt(v) for v in r) + " |" for r in table.itertuples(index=False)]
     (OUT / "dynamics.md").write_text(
-        f"Controlled runs of reproduce/{plan['file']}, {plan['iterations']} iterations each (seed 0, offline PolyMNIST). "
+        f"Controlled runs of reproduce/{plan['file']}, {plan['iterations']} iterations each (seed 0 unless the run says "
+        "otherwise, offline PolyMNIST). "
         "Probe: single-source coherence of the generator on 500 test tuples (chance 0.1); the other columns are means "
         "over the last 20 iterations of the log (reconstruction error per pixel in [-1, 1] units; the data's variance "
         "is 0.29). The last three columns: `metrics.latent_fit` on the 500 probe tuples at the run's end (the data's revised "
-        "latents against the prior; empty for runs that finished before it was written).\n\n" + "\n".join(md) + "\n")
+        "latents against the prior; empty for runs that finished before it was written)."
+        + (" The sampling-chain columns (`metrics.chain_length_effect`, 500 prior draws, chain.png): joint coherence and "
+           "classifier-feature FID of the generator's samples, of them revised by the training K_x steps and by the longest "
+           f"chain ({max(plan['chain_steps'])} steps); the data chain's move at sampling over its noise floor."
+           if plan.get("chain_steps") else "") + "\n\n" + "\n".join(md) + "\n")
     fig, ax = plt.subplots(1, 4, figsize=(17, 3.6))
     for tag, log in logs.items():
         p = log["probe_coh"].dropna()
@@ -94,6 +117,20 @@ def summarise(plan: dict):
     ax[3].axhline(10, color="k", lw=0.6, ls=":"); ax[3].set_title("data chain: |x~ - x0| / noise floor", fontsize=9)
     for a in ax: a.set_xlabel("iteration", fontsize=8)
     fig.tight_layout(); fig.savefig(OUT / "dynamics.png", dpi=80)
+    chains = {tag: json.loads((OUT / tag / "chain.json").read_text()) for tag in logs if (OUT / tag / "chain.json").exists()}
+    if chains:
+        # the sampling chain's length only (training keeps its K_x): what longer revision does to prior samples
+        fig, ax = plt.subplots(1, 3, figsize=(13, 3.6))
+        for tag, eff in chains.items():
+            K = sorted(eff["steps"], key=int)
+            ks = [int(k) for k in K]
+            ax[0].plot(ks, [eff["steps"][k]["joint_coherence"] for k in K], marker=".", label=tag)
+            ax[1].plot(ks, [eff["steps"][k]["fid"]["mean"] for k in K], marker=".")
+            ax[2].plot(ks, [eff["steps"][k]["move_per_element"] for k in K], marker=".")
+        for a, what in zip(ax, ("unconditional coherence (all 5 digits agree)", "classifier-feature FID, mean of 5 (lower is better)",
+                                "mean |x~ - g(z)| per element")):
+            a.set_title(what, fontsize=9); a.set_xlabel("sampling chain length K (0: the generator)", fontsize=8)
+        ax[0].legend(fontsize=6); fig.tight_layout(); fig.savefig(OUT / "chain.png", dpi=80)
     print(table.to_string(index=False))
 
 
