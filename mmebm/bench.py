@@ -15,10 +15,11 @@ from .revision import RevisionStep
 from . import scale
 from .config import Config, profile
 from .datasets import dataset_for, resolve_config
-from .train import resolve_device, build_model, build_optimisers, device_name
+from .train import resolve_device, build_model, build_optimisers, device_name, MODEL_KEYS
 
 # %% auto #0
-__all__ = ['SWITCHES', 'median_time', 'benchmark', 'sampling_throughput', 'format_benchmark', 'cpu_model', 'compare_switches']
+__all__ = ['SWITCHES', 'median_time', 'benchmark', 'sampling_throughput', 'format_benchmark', 'cpu_model', 'switch_errors_of',
+           'compare_switches']
 
 # %% ../nbs/05b_bench.ipynb #0ecd5e55
 def median_time(fn, repeats: int = 3, warmup: int = 1, device=None) -> float:
@@ -133,9 +134,21 @@ def cpu_model() -> dict:
     return {"cpu_model": field("model name") or platform.processor() or platform.machine(),
             "bf16_units": " ".join(f for f in ("avx512_bf16", "amx_bf16") if f in flags) or "none"}
 
+def switch_errors_of(cfg: Config, overrides: dict, batch: int = 16) -> dict:
+    """`scale.switch_errors` of one step with the switches in `overrides` against the plain step, on a fresh model of
+    the config's networks and chains; `noise_*`: the plain step against itself with other chain noise (the yardstick)."""
+    kw = {k: getattr(cfg, k) for k in MODEL_KEYS if k not in ("modalities",) and hasattr(cfg, k)}
+    fast = {k: overrides.get(k, False) for k in ("amp", "channels_last")}
+    plain = scale.switch_step(batch=batch, **kw)
+    errs = scale.switch_errors(scale.switch_step(batch=batch, **fast, **kw), plain)
+    noise = scale.switch_errors(scale.switch_step(batch=batch, chain_seed=1, **kw), plain)
+    pick = ("loss_E", "update_ebm", "update_generator", "update_inference")
+    return {f"err_{k}": errs[k] for k in pick} | {f"noise_{k}": noise[k] for k in pick}
+
 def compare_switches(cfg: Config, switches: dict | None = None, threads=(1, 2), repeats: int = 3, warmup: int = 1):
-    """One row per (switch, thread count): seconds per iteration, the sum of its parts, each part, and the speed-up
-    over the first switch at the same thread count; every row names the device, the CPU model and the threads."""
+    """One row per (switch, thread count): seconds per iteration, the sum of its parts, each part, the speed-up over
+    the first switch at the same thread count, and `switch_errors_of` the switch (relative differences of one step
+    from the plain one, and the chain noise's); every row names the device, the CPU model and the threads."""
     import pandas as pd
     switches, rows, before = switches or SWITCHES, [], torch.get_num_threads()
     try:
@@ -147,6 +160,7 @@ def compare_switches(cfg: Config, switches: dict | None = None, threads=(1, 2), 
                 rows.append({"switch": name, "threads": n, "seconds_per_iteration": sec["iteration"],
                              "sum_of_parts": sec["sum of parts"]} | {f"sec {k}": v for k, v in sec.items()
                                                                      if k not in ("iteration", "sum of parts")}
+                            | switch_errors_of(cfg, overrides)
                             | {"batch_size": cfg.batch_size, "device": tb.attrs["device"]} | cpu_model())
     finally:
         torch.set_num_threads(before)

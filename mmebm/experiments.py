@@ -257,6 +257,10 @@ def sample_artefacts(run_dir, n_grid: int = 8, n_cross: int = 4, n_traj: int = 4
                         # the same conditional samples after K_x EBM steps on the missing modalities, the observed one
                         # clamped; drawn last, so that the arrays above stay what they were before it was added
                         cross_revised=np.stack([_u8(model.revise_x(c, observed=[s]).samples) for s, c in enumerate(cross_x)]),
+                        # what the revision changed, x~ - g(z) of the grid's chain in float16 (uint8 rounds away moves
+                        # under 1/127.5); computed from the chain above, it draws no random numbers
+                        revision_delta=np.stack([(b.float() - a.float()).numpy().astype(np.float16)
+                                                 for a, b in zip(chain.trajectory[0], chain.trajectory[-1])]),
                         **latent_decodes(model, test, n_grid))
     return out
 

@@ -23,11 +23,11 @@ __all__ = ['ACCURACY_FLOOR', 'CLASSIFIER_VERSION', 'PUBLISHED_CLASSIFIER_FILE', 
            'PublishedPolyMNISTClassifier', 'load_published_classifiers', 'save_published_format', 'proper_subsets',
            'model_device', 'conditional_coherence', 'summarise_conditional', 'unconditional_coherence', 'all_agree',
            'ReferenceModel', 'coherence_probe', 'constant_label_reference', 'has_gaussian_prior', 'revised_latents',
-           'fitted_gaussian', 'latent_fit', 'check_sha256', 'fid_helper_file', 'inception_extractor', 'to_uint8',
-           'extract', 'frechet_distance', 'fingerprint', 'real_features', 'cached_features', 'sample_many',
-           'parameter_counts', 'generation_latency', 'revision_of', 'kinds_of', 'classifier_set', 'coherence_metrics',
-           'conditional_samples', 'fid_metrics', 'cost_metrics', 'provenance', 'timed_into', 'inception_scores',
-           'write_metrics', 'load_run', 'evaluate', 'chain_length_effect']
+           'fitted_gaussian', 'latent_fit', 'expost_sampler', 'expost_coherence', 'check_sha256', 'fid_helper_file',
+           'inception_extractor', 'to_uint8', 'extract', 'frechet_distance', 'fingerprint', 'real_features',
+           'cached_features', 'sample_many', 'parameter_counts', 'generation_latency', 'revision_of', 'kinds_of',
+           'classifier_set', 'coherence_metrics', 'conditional_samples', 'fid_metrics', 'cost_metrics', 'provenance',
+           'timed_into', 'inception_scores', 'write_metrics', 'load_run', 'evaluate', 'chain_length_effect']
 
 # %% ../nbs/06_metrics.ipynb #28dc7c58
 class MetricUnavailable(RuntimeError):
@@ -331,6 +331,38 @@ def latent_fit(model, ds: PolyMNIST, classifiers: dict, n: int = 1000, batch_siz
                 "cov_eigenvalues": {"min": float(eig[0]), "median": float(eig.median()), "max": float(eig[-1])},
                 "kl_fit_to_prior": kl, "kl_fit_to_prior_per_dim": kl / d,
                 "joint_coherence": {"prior": joint(prior), "gaussian_fit": joint(fitted), "revised_latents": joint(z)}}
+
+# %% ../nbs/06_metrics.ipynb #a2e20f2a
+def expost_sampler(model, ds: PolyMNIST, n_fit: int = 2000, components: int = 10, seed: int = 0, batch_size: int = 250):
+    """A function n -> (n, latent size) drawing from a Gaussian mixture (full covariances, scikit-learn) fitted to the
+    revised latents of the first `n_fit` tuples of `ds` (the training split: fitted on what the model learned from)."""
+    from sklearn.mixture import GaussianMixture
+    dev = model_device(model)
+    with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
+        torch.manual_seed(seed)
+        z = revised_latents(model, ds, n_fit, batch_size).double().numpy()
+    gmm = GaussianMixture(components, covariance_type="full", random_state=seed, reg_covar=1e-4).fit(z)
+    def draw(n: int) -> torch.Tensor:
+        gmm.random_state = np.random.RandomState(seed + n)        # the same n draws each call
+        return torch.from_numpy(gmm.sample(n)[0]).float()
+    draw.components, draw.n_fit = components, min(n_fit, len(ds))
+    return draw
+
+@torch.no_grad()
+def expost_coherence(model, draw, classifiers: dict, n: int = 500, batch_size: int = 250, revised: bool = True,
+                     floor: float | None = None, seed: int = 0) -> dict:
+    "Joint coherence (all M digits agree) of n decodes of `draw(n)`, and of them revised by the EBM's K_x steps."
+    check_floor(classifiers, ACCURACY_FLOOR if floor is None else floor)
+    dev, z = model_device(model), draw(n)
+    out = {"n": n, "components": getattr(draw, "components", None), "n_fit": getattr(draw, "n_fit", None)}
+    with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
+        torch.manual_seed(seed)
+        gen = rev = 0
+        for a in range(0, n, batch_size):
+            x0 = model.decode(z[a:a + batch_size].to(dev))
+            gen += all_agree(classifiers, x0)
+            if revised: rev += all_agree(classifiers, model.revise_x(x0).samples)
+    return out | {"generator": gen / n} | ({"ebm": rev / n} if revised else {})
 
 # %% ../nbs/06_metrics.ipynb #57ab6442
 INCEPTION_ENV = "MMEBM_INCEPTION_WEIGHTS"
