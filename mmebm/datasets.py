@@ -46,7 +46,9 @@ class PolyMNISTSet(DataSet):
     def path(self, cfg) -> Path: return polymnist_path(cfg.data, seed=cfg.data_seed, limit=cfg.data_limit)
     def reader(self, path, split: str = "train"): return PolyMNIST(path, split)
     def test_labels(self, path): return PolyMNIST(path, "test").labels
-    def epoch_size(self, cfg) -> int: return FULL_SIZE["train"]
+    def epoch_size(self, cfg) -> int:
+        # a reduced run (`data_limit`, the tiny profile) trains on its first N tuples: its epoch is that long
+        return min(FULL_SIZE["train"], cfg.data_limit) if cfg.data_limit else FULL_SIZE["train"]
 
 # %% ../nbs/00c_datasets.ipynb #856923d9
 class CUBModalities:
