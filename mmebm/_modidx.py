@@ -426,6 +426,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                'mmebm.metrics._or_reason': ('metrics.html#_or_reason', 'mmebm/metrics.py'),
                                'mmebm.metrics._published_state': ('metrics.html#_published_state', 'mmebm/metrics.py'),
                                'mmebm.metrics._tf': ('metrics.html#_tf', 'mmebm/metrics.py'),
+                               'mmebm.metrics.agreed_labels': ('metrics.html#agreed_labels', 'mmebm/metrics.py'),
                                'mmebm.metrics.all_agree': ('metrics.html#all_agree', 'mmebm/metrics.py'),
                                'mmebm.metrics.cached_features': ('metrics.html#cached_features', 'mmebm/metrics.py'),
                                'mmebm.metrics.chain_length_effect': ('metrics.html#chain_length_effect', 'mmebm/metrics.py'),

@@ -60,6 +60,9 @@ def chain_columns(f: Path, run_cfg: dict) -> dict:
     longest, K_x = max(eff, key=int), int(run_cfg["K_x"])
     return {"uncond. coh. gen / rev / long": "{:.3f} / {:.3f} / {:.3f}".format(
                 eff["0"]["joint_coherence"], eff[str(K_x)]["joint_coherence"], eff[longest]["joint_coherence"]),
+            # a constant digit everywhere is coherent without being generative: the share of the most common agreed digit
+            "top agreed digit share gen / rev": "{:.2f} / {:.2f}".format(
+                eff["0"].get("top_digit_share", math.nan), eff[str(K_x)].get("top_digit_share", math.nan)),
             "clf FID gen / rev / long": "{:.1f} / {:.1f} / {:.1f}".format(
                 eff["0"]["fid"]["mean"], eff[str(K_x)]["fid"]["mean"], eff[longest]["fid"]["mean"]),
             "sampling move / floor (K_x)": eff[str(K_x)]["move_per_element"] / (run_cfg["n_x"] * (K_x * 2 / math.pi) ** 0.5)} | (
