@@ -113,14 +113,15 @@ def summarise(plan: dict):
            "expost_sampler`, a departure from the paper), before and after the revision."
            if plan.get("chain_steps") else "") + "\n\n" + "\n".join(md) + "\n")
     fig, ax = plt.subplots(1, 4, figsize=(17, 3.6))
-    for tag, log in logs.items():
+    for i, (tag, log) in enumerate(logs.items()):
+        style = dict(color=plt.cm.tab20(i % 20), ls="-" if i < 10 else "--")     # 11+ runs: no colour twice
         p = log["probe_coh"].dropna()
-        ax[0].plot(p.index, p, marker=".", label=tag)
+        ax[0].plot(p.index, p, marker=".", label=tag, **style)
         sm = log.rolling(10, min_periods=1).mean()
         M = sum(c.startswith("rec_z_") for c in log.columns)
-        ax[1].plot(sm.index, sm[[f"rec_mu_{m}" for m in range(M)]].mean(1), lw=1)
-        ax[2].plot(sm.index, sm["zrev_norm"], lw=1)
-        ax[3].semilogy(sm.index, sm["x_move"] / sm["x_noise_floor"], lw=1)
+        ax[1].plot(sm.index, sm[[f"rec_mu_{m}" for m in range(M)]].mean(1), lw=1, **style)
+        ax[2].plot(sm.index, sm["zrev_norm"], lw=1, **style)
+        ax[3].semilogy(sm.index, sm["x_move"] / sm["x_noise_floor"], lw=1, **style)
     ax[0].axhline(0.1, color="k", lw=0.6, ls=":"); ax[0].set_title("coherence probe (chance 0.1)", fontsize=9)
     ax[0].legend(fontsize=6)
     ax[1].axhline(0.29, color="k", lw=0.6, ls=":"); ax[1].set_title("reconstruction from the experts' means (data variance dotted)", fontsize=9)
@@ -132,13 +133,16 @@ def summarise(plan: dict):
     if chains:
         # the sampling chain's length only (training keeps its K_x): what longer revision does to prior samples
         fig, ax = plt.subplots(1, 3, figsize=(13, 3.6))
-        for tag, eff in chains.items():
+        for i, (tag, eff) in enumerate(chains.items()):
             K = sorted(eff["steps"], key=int)
-            ks = [int(k) for k in K]
-            ax[0].plot(ks, [eff["steps"][k]["joint_coherence"] for k in K], marker=".", label=tag)
-            ax[1].plot(ks, [eff["steps"][k]["fid"]["mean"] for k in K], marker=".")
-            ax[2].plot(ks, [eff["steps"][k]["move_per_element"] for k in K], marker=".")
-        for a, what in zip(ax, ("unconditional coherence (all 5 digits agree)", "classifier-feature FID, mean of 5 (lower is better)",
+            ks, style = [int(k) for k in K], dict(marker=".", color=plt.cm.tab20(i % 20), ls="-" if i < 10 else "--")
+            ax[0].plot(ks, [eff["steps"][k]["joint_coherence"] for k in K], label=tag, **style)
+            # relative to the same run's generator (K = 0): the samples are paired, the runs' own FIDs differ widely
+            ax[1].plot(ks, [eff["steps"][k]["fid"]["mean"] / eff["steps"]["0"]["fid"]["mean"] for k in K], **style)
+            ax[2].plot(ks, [eff["steps"][k]["move_per_element"] for k in K], **style)
+        ax[1].axhline(0.9, color="k", lw=0.6, ls=":"); ax[1].set_ylim(0.5, 1.5)
+        for a, what in zip(ax, ("unconditional coherence (all 5 digits agree)",
+                                "classifier-feature FID / the generator's (K = 0); dotted: 0.9",
                                 "mean |x~ - g(z)| per element")):
             a.set_title(what, fontsize=9); a.set_xlabel("sampling chain length K (0: the generator)", fontsize=8)
         ax[0].legend(fontsize=6); fig.tight_layout(); fig.savefig(OUT / "chain.png", dpi=80)
@@ -149,10 +153,12 @@ if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("tags", nargs="*", help="runs of the plan to train (default: all)")
     ap.add_argument("--plan", default=str(HERE / "dynamics.yaml"), help="a plan file (default: reproduce/dynamics.yaml)")
+    ap.add_argument("--summarise-only", action="store_true", help="redraw the table and figures from results/ alone")
     args = ap.parse_args()
     plan = yaml.safe_load(Path(args.plan).read_text())
     plan["file"] = Path(args.plan).name
     OUT = HERE.parent / "results" / plan.get("out", "dynamics")
     tags = args.tags or list(plan["runs"])
-    for tag in tags: run(tag, plan["runs"][tag], plan)
+    if not args.summarise_only:
+        for tag in tags: run(tag, plan["runs"][tag], plan)
     summarise(plan)
