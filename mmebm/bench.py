@@ -6,7 +6,6 @@ behind the cost table and `mmebm bench`. Benchmarks print figures; no unit test 
 # %% ../nbs/05b_bench.ipynb #26701743
 from __future__ import annotations
 import math, platform, time
-from pathlib import Path
 import numpy as np
 import torch
 from .nets import token_logits
@@ -15,7 +14,7 @@ from .revision import RevisionStep
 from . import scale
 from .config import Config, profile
 from .datasets import dataset_for, resolve_config
-from .train import resolve_device, build_model, build_optimisers, device_name, MODEL_KEYS
+from .train import resolve_device, build_model, build_optimisers, device_name, MODEL_KEYS, cpuinfo_field
 
 # %% auto #0
 __all__ = ['SWITCHES', 'median_time', 'benchmark', 'sampling_throughput', 'format_benchmark', 'cpu_model', 'switch_errors_of',
@@ -128,22 +127,23 @@ SWITCHES = {"plain": {}, "channels_last": {"channels_last": True}, "amp": {"amp"
 
 def cpu_model() -> dict:
     "The CPU's model name and its bf16 instruction sets (AVX512-BF16, AMX-BF16), read from /proc/cpuinfo where it exists."
-    info = Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []
-    field = lambda k: next((l.split(":", 1)[1].strip() for l in info if l.startswith(k)), "")
-    flags = set(field("flags").split())
-    return {"cpu_model": field("model name") or platform.processor() or platform.machine(),
+    flags = set(cpuinfo_field("flags").split())
+    return {"cpu_model": cpuinfo_field("model name") or platform.processor() or platform.machine(),
             "bf16_units": " ".join(f for f in ("avx512_bf16", "amx_bf16") if f in flags) or "none"}
 
-def switch_errors_of(cfg: Config, overrides: dict, batch: int = 16) -> dict:
-    """`scale.switch_errors` of one step with the switches in `overrides` against the plain step, on a fresh model of
-    the config's networks and chains; `noise_*`: the plain step against itself with other chain noise (the yardstick)."""
-    kw = {k: getattr(cfg, k) for k in MODEL_KEYS if k not in ("modalities",) and hasattr(cfg, k)}
-    fast = {k: overrides.get(k, False) for k in ("amp", "channels_last")}
-    plain = scale.switch_step(batch=batch, **kw)
-    errs = scale.switch_errors(scale.switch_step(batch=batch, **fast, **kw), plain)
-    noise = scale.switch_errors(scale.switch_step(batch=batch, chain_seed=1, **kw), plain)
+def switch_errors_of(cfg: Config, switches: dict, batch: int = 16) -> dict:
+    """Per switch (name -> overrides), `scale.switch_errors` of one step with it against the plain step, on a fresh model
+    of the config's networks and chains, and `noise_*`: the plain step against itself with other chain noise (the
+    yardstick). The plain and noise steps are taken once for all switches."""
+    kw = {k: getattr(cfg, k) for k in MODEL_KEYS if k != "modalities"}     # PolyMNIST: images only
     pick = ("loss_E", "update_ebm", "update_generator", "update_inference")
-    return {f"err_{k}": errs[k] for k in pick} | {f"noise_{k}": noise[k] for k in pick}
+    plain = scale.switch_step(batch=batch, **kw)
+    noise = scale.switch_errors(scale.switch_step(batch=batch, chain_seed=1, **kw), plain)
+    def errors(overrides):
+        fast = {k: overrides.get(k, False) for k in ("amp", "channels_last")}
+        e = scale.switch_errors(scale.switch_step(batch=batch, **fast, **kw), plain)
+        return {f"err_{k}": e[k] for k in pick} | {f"noise_{k}": noise[k] for k in pick}
+    return {name: errors(overrides) for name, overrides in switches.items()}
 
 def compare_switches(cfg: Config, switches: dict | None = None, threads=(1, 2), repeats: int = 3, warmup: int = 1):
     """One row per (switch, thread count): seconds per iteration, the sum of its parts, each part, the speed-up over
@@ -154,13 +154,14 @@ def compare_switches(cfg: Config, switches: dict | None = None, threads=(1, 2), 
     try:
         for n in threads:
             torch.set_num_threads(n)
+            errors = switch_errors_of(cfg, switches)
             for name, overrides in switches.items():
                 tb = benchmark(cfg.replace(**overrides), repeats=repeats, warmup=warmup)
                 sec = dict(zip(tb.part, tb.seconds))
                 rows.append({"switch": name, "threads": n, "seconds_per_iteration": sec["iteration"],
                              "sum_of_parts": sec["sum of parts"]} | {f"sec {k}": v for k, v in sec.items()
                                                                      if k not in ("iteration", "sum of parts")}
-                            | switch_errors_of(cfg, overrides)
+                            | errors[name]
                             | {"batch_size": cfg.batch_size, "device": tb.attrs["device"]} | cpu_model())
     finally:
         torch.set_num_threads(before)

@@ -26,8 +26,8 @@ __all__ = ['ACCURACY_FLOOR', 'CLASSIFIER_VERSION', 'PUBLISHED_CLASSIFIER_FILE', 
            'revised_latents', 'fitted_gaussian', 'latent_fit', 'expost_sampler', 'expost_coherence', 'check_sha256',
            'fid_helper_file', 'inception_extractor', 'to_uint8', 'extract', 'frechet_distance', 'fingerprint',
            'real_features', 'cached_features', 'sample_many', 'parameter_counts', 'generation_latency', 'revision_of',
-           'kinds_of', 'classifier_set', 'coherence_metrics', 'conditional_samples', 'fid_metrics', 'cost_metrics',
-           'provenance', 'timed_into', 'inception_scores', 'write_metrics', 'load_run', 'evaluate',
+           'kinds_of', 'classifier_set', 'coherence_metrics', 'conditional_samples', 'per_modality', 'fid_metrics',
+           'cost_metrics', 'provenance', 'timed_into', 'inception_scores', 'write_metrics', 'load_run', 'evaluate',
            'chain_length_effect']
 
 # %% ../nbs/06_metrics.ipynb #28dc7c58
@@ -564,6 +564,10 @@ def conditional_samples(model, ds: PolyMNIST, src: int, n: int, revised: bool = 
              for a in range(0, n, batch_size)]
     return [torch.cat(p) for p in zip(*parts)]
 
+def per_modality(extractor, M: int) -> list:
+    "One feature extractor per modality: a list as given, or one extractor (Inception) for all M."
+    return list(extractor) if isinstance(extractor, (list, tuple)) else [extractor] * M
+
 def fid_metrics(model, ds: PolyMNIST, extractor, key: str, n: int, kinds=KINDS, conditional: bool = True,
                 progress: bool = False, also_n: Sequence[int] = ()) -> dict:
     """Frechet distances per modality and on average: unconditional samples, and (`conditional`) each
@@ -575,7 +579,7 @@ def fid_metrics(model, ds: PolyMNIST, extractor, key: str, n: int, kinds=KINDS, 
     one n: a run scored at a larger n (to compare its own two kinds) still gives the n its table shares with others."""
     M = model.n_modalities; n = min(n, len(ds))
     also = sorted({int(a) for a in also_n if 1 < int(a) < n})
-    ext = list(extractor) if isinstance(extractor, (list, tuple)) else [extractor] * M
+    ext = per_modality(extractor, M)
     real = [real_features(ds, k, ext[k], key, n, progress) for k in range(M)]
     feats = lambda k, g, what: extract(ext[k], g, progress=progress, desc=f"{what} m{k} {key}")
     fd = lambda k, f, m=n: frechet_distance(real[k][:m], f[:m])         # at the first m of both
@@ -703,18 +707,18 @@ def chain_length_effect(model, ds: PolyMNIST, classifiers: dict, n: int = 500, s
     check_floor(classifiers, ACCURACY_FLOOR if floor is None else floor)
     steps, n, M = sorted({int(k) for k in steps}), min(n, len(ds)), model.n_modalities
     dev = model_device(model)
-    ext = list(extractor) if isinstance(extractor, (list, tuple)) else [extractor] * M if extractor else classifiers["models"]
+    ext = per_modality(extractor, M) if extractor else classifiers["models"]
     real = [real_features(ds, k, ext[k], key, n) for k in range(M)]
     out = {"n": n, "features": key, "K_x_training": model.kx["n_steps"], "steps": {}}
     with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
         torch.manual_seed(seed)
         x0 = [model.initial_x(model.generator.prior(min(batch_size, n - a), dev)) for a in range(0, n, batch_size)]
+        start = [torch.cat([b[m].float().cpu() for b in x0]) for m in range(M)]
         x, done = [list(b) for b in x0], 0
         for K in steps:
             if K > done: x = [model.revise_x(b, K=K - done).samples for b in x]
             done = K
             joined = [torch.cat([b[m].float().cpu() for b in x]) for m in range(M)]
-            start = [torch.cat([b[m].float().cpu() for b in x0]) for m in range(M)]
             fid = {f"m{m}": frechet_distance(real[m], extract(ext[m], joined[m])) for m in range(M)}
             agreed = sum(agreed_labels(classifiers, [t[a:a + batch_size] for t in joined]) for a in range(0, n, batch_size))
             out["steps"][str(K)] = {

@@ -21,8 +21,8 @@ from .config import Config, profile, config_hash, save_config, load_config, BUDG
 # %% auto #0
 __all__ = ['MODEL_KEYS', 'LOG_COLUMNS', 'PROBE_COLUMNS', 'build_model', 'build_optimisers', 'raise_ebm_lr', 'resolve_device',
            'quick_checks', 'Trainer', 'default_run_dir', 'train', 'runs_root', 'git_revision', 'threads_seen',
-           'cpu_signature', 'device_name', 'log_columns', 'cut_log', 'plain_rng', 'rng_state', 'set_rng_state',
-           'CheckpointError', 'load_checkpoint_file', 'upgrade_checkpoint', 'plot_log']
+           'cpuinfo_field', 'cpu_signature', 'device_name', 'log_columns', 'cut_log', 'plain_rng', 'rng_state',
+           'set_rng_state', 'CheckpointError', 'load_checkpoint_file', 'upgrade_checkpoint', 'plot_log']
 
 # %% ../nbs/05_train.ipynb #ac543e23
 MODEL_KEYS = tuple(p for p in inspect.signature(MMEBM).parameters)
@@ -266,11 +266,16 @@ def threads_seen(run_dir) -> list:
     prev = read_json(Path(run_dir) / "status.json") or {}
     return sorted(set(prev.get("threads", [])) | {torch.get_num_threads()})
 
+def cpuinfo_field(name: str) -> str:
+    "A field of the first CPU in /proc/cpuinfo (`flags`, `model name`, ...); empty where there is no such file or field."
+    info = Path("/proc/cpuinfo")
+    lines = info.read_text().splitlines() if info.exists() else []
+    return next((l.split(":", 1)[1].strip() for l in lines if l.startswith(name)), "")
+
 def cpu_signature() -> str:
     """The CPU kind a run computed on: torch's vector capability and a hash of the instruction-set flags. CPU kernels
     round differently on another kind (AVX2 against AVX-512 with AMX, say), so a run repeats bit for bit only on its own."""
-    flags = next((l.split(":", 1)[1] for l in Path("/proc/cpuinfo").read_text().splitlines() if l.startswith("flags")), "") \
-        if Path("/proc/cpuinfo").exists() else platform.processor()
+    flags = cpuinfo_field("flags") if Path("/proc/cpuinfo").exists() else platform.processor()
     return f"{torch.backends.cpu.get_cpu_capability()} flags {hashlib.sha256(' '.join(sorted(flags.split())).encode()).hexdigest()[:12]}"
 
 def device_name(device: torch.device) -> str:

@@ -30,17 +30,16 @@ def run(tag: str, spec: dict, plan: dict):
     for f in ("log.csv", "config.yaml", "status.json"): shutil.copy(t.run_dir / f, dest / f)
     if status["state"] == "completed" and cfg.dataset == "polymnist":
         # where the data's revised latents lie against the prior at the end (nbs/06_metrics, latent_fit), on the probe's tuples
-        fit = metrics.latent_fit(t.model.eval(), PolyMNIST(t.data_path, "test"), metrics.get_classifiers(t.data_path), n=500)
+        model, test, clf = t.model.eval(), PolyMNIST(t.data_path, "test"), metrics.get_classifiers(t.data_path)
+        fit = metrics.latent_fit(model, test, clf, n=500)
         (dest / "latent_fit.json").write_text(json.dumps(fit, indent=1) + "\n")
         if plan.get("chain_steps"):
             # what the EBM's revision does to prior samples as its chain grows at sampling time only (nbs/06_metrics)
-            eff = metrics.chain_length_effect(t.model.eval(), PolyMNIST(t.data_path, "test"),
-                                              metrics.get_classifiers(t.data_path), n=500, steps=plan["chain_steps"])
+            eff = metrics.chain_length_effect(model, test, clf, n=500, steps=plan["chain_steps"])
             (dest / "chain.json").write_text(json.dumps(eff, indent=1) + "\n")
             # the ex-post sampler (a departure from the paper): a mixture fitted to 2,000 training tuples' revised latents
-            draw = metrics.expost_sampler(t.model.eval(), PolyMNIST(t.data_path, "train"), n_fit=2000, components=10)
-            post = metrics.expost_coherence(t.model.eval(), draw, metrics.get_classifiers(t.data_path), n=500)
-            (dest / "expost.json").write_text(json.dumps(post, indent=1) + "\n")
+            draw = metrics.expost_sampler(model, PolyMNIST(t.data_path, "train"), n_fit=2000, components=10)
+            (dest / "expost.json").write_text(json.dumps(metrics.expost_coherence(model, draw, clf, n=500), indent=1) + "\n")
     print(f"{tag}: {status['state']} at {status['iteration']}")
 
 
