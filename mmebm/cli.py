@@ -43,7 +43,7 @@ def _parse_set(pairs) -> dict:
     "KEY=VALUE pairs, values read as YAML scalars (numbers, true/false, null, strings)."
     out = {}
     for p in pairs or []:
-        if "=" not in p: raise SystemExit(f"mmebm: error: --set expects KEY=VALUE, got {p!r}")
+        if "=" not in p: raise ValueError(f"--set expects KEY=VALUE, got {p!r}")
         k, v = p.split("=", 1)
         try: out[k] = yaml.safe_load(v)
         except yaml.YAMLError: out[k] = v          # not a YAML scalar: the config says whether a string will do
@@ -52,7 +52,7 @@ def _parse_set(pairs) -> dict:
 def _config(a):
     from mmebm import config
     if bool(a.profile) == bool(a.config):
-        raise SystemExit("mmebm: error: give exactly one of --profile NAME or --config FILE")
+        raise ValueError("give exactly one of --profile NAME or --config FILE")
     cfg = config.profile(a.profile) if a.profile else config.load_config(a.config)
     over = _parse_set(a.set)
     for k in ("iterations", "max_minutes", "device"):
@@ -176,10 +176,23 @@ def _reproduce(a):
         out = experiments.figures(a.plan or a.profile, a.results_dir)
         return 4 if any(s["state"] == "failed" for s in out["notebooks"].values()) else 0
     out = experiments.reproduce(a.plan or a.profile, a.results_dir, progress=not a.quiet, notebooks=not a.no_notebooks,
-                                max_minutes=a.max_minutes, only=a.only)
+                                max_minutes=a.max_minutes, only=a.only, allow_dirty=a.allow_dirty, jobs=a.jobs)
     if out["incomplete"]: return 3          # call again: the unfinished runs continue from their checkpoints
     bad = [n for n, s in out["notebooks"].items() if s["state"] == "failed"]
     return 4 if bad else 0
+
+def _sample(a):
+    from mmebm import sample
+    images = {}
+    for spec in a.image or []:
+        m, sep, f = spec.partition("=")
+        if not sep or not m.lstrip("m").isdigit(): raise ValueError(f"--image expects M=FILE (e.g. 0=digit.png), got {spec!r}")
+        images[int(m.lstrip("m"))] = f
+    if images and a.given: raise ValueError("give --given (test tuples) or --image (files), not both")
+    r = sample.sample_run(a.run, a.out, n=a.n, steps=a.steps or (None,), given=a.given, test_index=a.test_index,
+                          images=images or None, seed=a.seed, device=a.device)
+    print(f"{a.run} (iteration {r['iteration']}): {', '.join(r['panels'])}\n  {r['png']}\n  {r['npz']}")
+    return 0
 
 def _upgrade_checkpoint(a):
     from mmebm import train
@@ -258,8 +271,30 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--only", nargs="+", default=None, metavar="ROLE",
                     help="train and score only these runs (main, cub, baseline-mopoe, ...) and keep the plan's others as "
                          "results/<profile>/ holds them (each must have the config the plan asks for)")
+    rp.add_argument("--jobs", type=int, default=1, metavar="N",
+                    help="train N runs at a time, each in its own process on its share of the cores (default 1); "
+                         "on one thread each, every run is what training them one after another gives")
+    rp.add_argument("--allow-dirty", action="store_true",
+                    help="train into the repository's results/ from a tree with uncommitted changes (refused otherwise: "
+                         "nobody could check such a run out); the diff is kept beside each run as uncommitted.diff")
     rp.add_argument("--quiet", action="store_true", help="no progress bars")
     rp.set_defaults(func=_reproduce)
+    sp = sub.add_parser("sample", help="draw samples from a trained run (its checkpoint, or the weights committed beside "
+                        "its results: results/cpu/runs/main); writes a PNG grid and an .npz")
+    sp.add_argument("run", help="a run folder (runs/<name>-<hash> or results/<profile>/runs/<role>)")
+    sp.add_argument("--n", type=int, default=8, help="unconditional draws, or test tuples when --given (default 8)")
+    sp.add_argument("--steps", type=int, nargs="+", default=None, metavar="K",
+                    help="data-chain lengths of the EBM's revision, one panel each (default: the run's K_x; 0: none)")
+    sp.add_argument("--given", type=int, nargs="+", default=None, metavar="M",
+                    help="observed modalities (from test tuples): generate the others from them (default: unconditional)")
+    sp.add_argument("--test-index", type=int, nargs="+", default=None, metavar="I",
+                    help="the test tuples to observe with --given (default: the first --n); needs the run's data")
+    sp.add_argument("--image", nargs="+", default=None, metavar="M=FILE",
+                    help="observed modalities from image files instead, e.g. 0=digit.png (28 x 28 for PolyMNIST)")
+    sp.add_argument("--out", default=None, help="output folder (default: mmebm-samples/<run folder name>/)")
+    sp.add_argument("--seed", type=int, default=0, help="random seed of the draws (default 0)")
+    sp.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    sp.set_defaults(func=_sample)
     up = sub.add_parser("upgrade-checkpoint", help="rewrite checkpoints of an older mmebm so that they load safely "
                         "(this one load runs the file's pickle: only for run directories you trust)")
     up.add_argument("runs", nargs="+", metavar="RUN", help="run directories (or checkpoint files)")

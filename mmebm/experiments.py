@@ -6,7 +6,7 @@ executing those notebooks with papermill."""
 
 # %% ../nbs/08_experiments.ipynb #56b455e7
 from __future__ import annotations
-import json, os, shutil, time, traceback
+import json, os, shutil, subprocess, time, traceback
 import dataclasses
 from dataclasses import dataclass, field
 from functools import partial
@@ -21,6 +21,7 @@ from .config import Config, profile, config_hash
 from .datasets import dataset_for, resolve_config, data_path_of
 from .protocols import protocol_of
 from .train import train, Trainer, device_name, git_revision, resolve_device
+from .sample import export_weights
 from . import metrics, baselines
 from .baselines import BaselineConfig, baseline_profile, baseline_config_hash, BASELINES
 
@@ -30,8 +31,9 @@ __all__ = ['REPRODUCE_ENV', 'PLAN_KEYS', 'CUB_KEYS', 'CUB_ROOT_ENV', 'SWEEPS', '
            'cub_runs', 'plan_runs', 'is_baseline', 'run_dir_of', 'hash_of', 'finished_status', 'finished_in',
            'training_probe', 'train_run', 'evaluate_run', 'sample_artefacts', 'latent_decodes', 'cub_sample_artefacts',
            'artefacts_of', 'baseline_sample_artefacts', 'collect', 'kept_runs', 'held_status', 'RunResults',
-           'run_notebook', 'artefact_note', 'write_index', 'update_readme', 'reproduce', 'run_notebooks', 'figures',
-           'lookup', 'markdown_table', 'save_table', 'to_signed']
+           'run_notebook', 'artefact_note', 'write_index', 'update_readme', 'uncommitted_diff', 'usable_cores',
+           'train_parallel', 'reproduce', 'run_notebooks', 'figures', 'lookup', 'markdown_table', 'save_table',
+           'to_signed']
 
 # %% ../nbs/08_experiments.ipynb #b6adb82a
 REPRODUCE_ENV = "MMEBM_REPRODUCE_DIR"
@@ -44,7 +46,7 @@ def reproduce_dir() -> Path:
     return d
 
 PLAN_KEYS = {"name", "description", "profile", "set", "main", "ablation_iterations", "ablations", "eval", "samples",
-             "update_readme", "baselines", "cub"}
+             "update_readme", "baselines", "cub", "weights"}
 CUB_KEYS = {"profile", "data", "iterations", "epochs", "set", "eval", "baselines"}
 CUB_ROOT_ENV = "MMEBM_CUB_ROOT"     # the real CUB (published layout or an imported cache) for plans whose `cub.data` is "real"
 SWEEPS = ("K_x", "K_z", "noise_K_x")
@@ -320,7 +322,7 @@ def baseline_sample_artefacts(run_dir, n_grid: int = 8, n_cross: int = 4, seed: 
 
 # %% ../nbs/08_experiments.ipynb #29655c14
 SMALL_FILES = ("config.yaml", "status.json", "log.csv", "metrics.json", "metrics.csv", "coherence_conditional_generator.csv",
-               "coherence_conditional_ebm.csv", "coherence_conditional_refiner.csv", "samples.npz")
+               "coherence_conditional_ebm.csv", "coherence_conditional_refiner.csv", "samples.npz", "uncommitted.diff")
 
 def collect(plan: dict, specs: list[RunSpec], sweeps: dict, states: dict, results_dir, keep: dict | None = None) -> Path:
     """Copy each run's small files into results_dir/runs/<role>/ and write results_dir/runs.json. `keep` (from
@@ -335,6 +337,9 @@ def collect(plan: dict, specs: list[RunSpec], sweeps: dict, states: dict, result
         dst.mkdir(parents=True)
         for f in SMALL_FILES:
             if (src / f).exists(): shutil.copy2(src / f, dst / f)
+        # the plan's `weights` roles ship their three models (no optimiser state) so that a reader samples without
+        # training: `mmebm sample results/<plan>/runs/<role>` (nbs/05c_sample)
+        if spec.role in (plan.get("weights") or ()) and (src / "checkpoint.pt").exists(): export_weights(src, dst)
         index["runs"][spec.role] = {"run_dir": str(src), "config_hash": hash_of(spec), "evaluated": spec.evaluate is not None,
                                     "state": states.get(spec.role, {}).get("state", "missing"),
                                     "reason": states.get(spec.role, {}).get("reason")}
@@ -612,17 +617,65 @@ def update_readme(readme, plan_name: str, block: str) -> bool:
     readme.write_text(text[:i] + "\n" + block.strip() + "\n" + text[j:])
     return True
 
+# %% ../nbs/08_experiments.ipynb #4a88355d
+def uncommitted_diff(results_dir, allow_dirty: bool = False) -> str | None:
+    """The guard that keeps committed results traceable: None when the source tree is clean or `results_dir` lies
+    outside the repository (nobody commits it); otherwise an error, or with `allow_dirty` the uncommitted changes
+    (`git diff HEAD`, results/ aside) that `reproduce` then keeps beside each run it trains, as `uncommitted.diff`."""
+    root = reproduce_dir().parent.resolve()
+    rev = git_revision()
+    if not (rev and rev.endswith("+dirty") and Path(results_dir).resolve().is_relative_to(root)): return None
+    if not allow_dirty:
+        raise ValueError(f"the source tree has uncommitted changes ({rev}) and the results go to {results_dir}: runs trained "
+                         "now could not be checked out by anyone. Commit first, or pass --allow-dirty (the diff is kept "
+                         "beside each run)")
+    return subprocess.run(["git", "diff", "HEAD", "--", ":/", ":(top,exclude)results"], cwd=root, capture_output=True,
+                          text=True, timeout=30).stdout
+
+# %% ../nbs/08_experiments.ipynb #3e33fed4
+def usable_cores() -> int:
+    "The cores this process may run on (its affinity where the OS says, else the CPU count)."
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+def _train_in_worker(spec: RunSpec, threads: int, deadline: float | None) -> dict:
+    "One run of `train_parallel`, in its own process on `threads` threads, quietly; the budget left when it starts."
+    torch.set_num_threads(threads)
+    if deadline is not None:
+        left = (deadline - time.time()) / 60
+        if left <= 0 and not finished_status(spec): return {"state": "pending", "reason": "time budget of this call used up"}
+        spec = dataclasses.replace(spec, cfg=spec.cfg.replace(max_minutes=max(left, 1e-6)))
+    return train_run(spec, progress=False)
+
+def train_parallel(specs: Sequence[RunSpec], jobs: int, deadline: float | None = None, say=print) -> dict:
+    """Train independent runs `jobs` at a time, each in a fresh process on usable_cores() // jobs threads (at least
+    one): {role: status}. A run that raises is an `error` state, as in `train_run`; the others go on."""
+    import concurrent.futures as cf, multiprocessing as mp
+    threads, states = max(1, usable_cores() // jobs), {}
+    say(f"training {len(specs)} runs, {jobs} at a time on {threads} thread(s) each")
+    with cf.ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn")) as pool:
+        futures = {pool.submit(_train_in_worker, s, threads, deadline): s for s in specs}
+        for f in cf.as_completed(futures):
+            s = futures[f]
+            try: states[s.role] = f.result()
+            except Exception as e: states[s.role] = {"state": "error", "reason": f"{type(e).__name__}: {e}"}
+            say(f"  {s.role}: {states[s.role]['state']} at {states[s.role].get('iteration')} ({len(states)}/{len(specs)})")
+    return states
+
 # %% ../nbs/08_experiments.ipynb #0856daa0
 def reproduce(plan: str | dict, results_dir=None, progress: bool = True, notebooks: bool = True,
-              max_minutes: float | None = None, only: Sequence[str] | None = None) -> dict:
+              max_minutes: float | None = None, only: Sequence[str] | None = None, allow_dirty: bool = False,
+              jobs: int = 1) -> dict:
     """Regenerate results/<plan>/ from a plan: train, score, sample, collect, execute the notebooks, index.
     With `max_minutes`, training stops at that time budget (checkpointed) and the call returns with
     `incomplete` set; calling again continues, so fixed-length sessions can chain to the end.
     `only` (roles): train and score just these runs and keep the others as results_dir holds them (`kept_runs`:
-    they must be the runs the plan asks for), e.g. after a change of our profile, whose baselines stay valid."""
+    they must be the runs the plan asks for), e.g. after a change of our profile, whose baselines stay valid.
+    Into the repository's results/, only from a committed tree (`uncommitted_diff`; `allow_dirty` to override).
+    `jobs` > 1: the runs are trained that many at a time (`train_parallel`), then scored one after another."""
     plan = load_plan(plan) if isinstance(plan, str) else plan
     root = reproduce_dir().parent
     results_dir = Path(results_dir or root / "results" / plan["name"]).resolve()
+    diff = uncommitted_diff(results_dir, allow_dirty)         # before anything is written
     results_dir.mkdir(parents=True, exist_ok=True)
     say = lambda msg: print(f"[reproduce {plan['name']}] {msg}", flush=True)
     specs, sweeps = plan_runs(plan)
@@ -642,7 +695,19 @@ def reproduce(plan: str | dict, results_dir=None, progress: bool = True, noteboo
 
     # the time budget covers training; every call trains at least one iteration of the first unfinished run
     states, deadline, unfinished = {}, (time.time() + 60 * max_minutes) if max_minutes else None, []
-    for i, spec in enumerate(specs, 1):
+    todo = [s for s in specs if s.role not in keep and not s.skip]
+    parallel = jobs > 1 and len(todo) > 1
+    if parallel:
+        t0 = time.time()
+        fresh = {s.role for s in todo if diff is not None and not finished_status(s)}
+        states |= {s.role: held_status(results_dir, s.role, keep[s.role]) for s in specs if s.role in keep}
+        states |= {s.role: train_run(s) for s in specs if s.skip}
+        states |= train_parallel(todo, jobs, deadline, say)
+        for s in todo:
+            if s.role in fresh and run_dir_of(s).is_dir(): atomic_write(run_dir_of(s) / "uncommitted.diff", diff)
+        unfinished = [s.role for s in todo if deadline is not None and states[s.role]["state"] in ("stopped", "pending")]
+        stage("training", t0)
+    for i, spec in enumerate([] if parallel else specs, 1):
         if spec.role in keep:
             states[spec.role] = held_status(results_dir, spec.role, keep[spec.role])
             continue
@@ -654,7 +719,9 @@ def reproduce(plan: str | dict, results_dir=None, progress: bool = True, noteboo
             spec = dataclasses.replace(spec, cfg=spec.cfg.replace(max_minutes=max(left, 1e-6)))  # a budget key: the same run
         budget = f"{spec.cfg.epochs} epochs" if spec.cfg.epochs else f"{spec.cfg.iterations} iterations"
         say(f"train {i}/{len(specs)}: {spec.role} ({budget}) -> {run_dir_of(spec)}")
+        fresh = diff is not None and not finished_status(spec)
         states[spec.role] = train_run(spec, progress)
+        if fresh and run_dir_of(spec).is_dir(): atomic_write(run_dir_of(spec) / "uncommitted.diff", diff)
         stage("training", t0)
         if deadline is not None and states[spec.role]["state"] == "stopped": unfinished.append(spec.role)
         elif states[spec.role]["state"] not in ("completed", "stopped"): say(f"  {spec.role}: {states[spec.role]['state']}: {states[spec.role].get('reason')}")

@@ -21,8 +21,8 @@ from .config import Config, profile, config_hash, save_config, load_config, BUDG
 # %% auto #0
 __all__ = ['MODEL_KEYS', 'LOG_COLUMNS', 'PROBE_COLUMNS', 'build_model', 'build_optimisers', 'raise_ebm_lr', 'resolve_device',
            'quick_checks', 'Trainer', 'default_run_dir', 'train', 'runs_root', 'git_revision', 'threads_seen',
-           'cpuinfo_field', 'cpu_signature', 'device_name', 'log_columns', 'cut_log', 'plain_rng', 'rng_state',
-           'set_rng_state', 'CheckpointError', 'load_checkpoint_file', 'upgrade_checkpoint', 'plot_log']
+           'cpuinfo_field', 'cpu_signature', 'device_name', 'log_columns', 'cut_log', 'atomic_torch_save', 'plain_rng',
+           'rng_state', 'set_rng_state', 'CheckpointError', 'load_checkpoint_file', 'upgrade_checkpoint', 'plot_log']
 
 # %% ../nbs/05_train.ipynb #ac543e23
 MODEL_KEYS = tuple(p for p in inspect.signature(MMEBM).parameters)
@@ -122,7 +122,7 @@ class Trainer:
     def save_checkpoint(self):
         "Every rank calls it (the random states are gathered); rank 0 writes."
         state = self.state_dict()
-        if self.ranks.main: _atomic_torch_save(state, self.run_dir / "checkpoint.pt")
+        if self.ranks.main: atomic_torch_save(state, self.run_dir / "checkpoint.pt")
 
     def load_checkpoint(self, path=None):
         ck = load_checkpoint_file(path or self.run_dir / "checkpoint.pt", self.device)
@@ -314,7 +314,7 @@ def cut_log(path: Path, iteration: int, columns) -> list:
     atomic_write(path, buf.getvalue())
     return rows
 
-def _atomic_torch_save(obj, path: Path):
+def atomic_torch_save(obj, path: Path):
     "torch.save into a temporary sibling, fsync, rename: a kill at any moment leaves the old checkpoint or the new."
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     with open(tmp, "wb") as f:
@@ -368,7 +368,7 @@ def upgrade_checkpoint(path) -> Path:
     ck = torch.load(path, map_location="cpu", weights_only=False)
     ck["rng"] = plain_rng(ck["rng"])
     if "rng_ranks" in ck: ck["rng_ranks"] = [plain_rng(r) for r in ck["rng_ranks"]]
-    _atomic_torch_save(ck, path)
+    atomic_torch_save(ck, path)
     load_checkpoint_file(path)          # it now loads safely
     return path
 

@@ -147,6 +147,39 @@ def test_chained_time_boxed_calls_finish_the_plan_exactly(tiny, tmp_path, monkey
     assert m1["fid_classifier"] == m2["fid_classifier"]
 
 
+def test_runs_side_by_side_are_the_runs_one_after_another(tiny, tmp_path, monkeypatch):
+    """`mmebm reproduce --jobs 2`: every run of the tiny plan, trained two at a time (one thread each, as on the 2-core
+    machine), has the log of the fixture's invocation, which trained them one after another on one thread."""
+    root, _, _ = tiny
+    monkeypatch.setenv("MMEBM_RUNS_DIR", str(tmp_path / "runs"))
+    monkeypatch.setattr(X, "usable_cores", lambda: 2)
+    todo = [s for s in X.plan_runs(X.load_plan("tiny"))[0] if not s.skip]
+    states = X.train_parallel(todo, jobs=2, say=lambda msg: None)
+    assert all(states[s.role]["state"] == "completed" and states[s.role]["threads"] == [1] for s in todo), states
+    timing = [c for c in pd.read_csv(root / "results" / "runs" / "main" / "log.csv").columns if c.startswith("sec_")]
+    for s in todo:
+        one = pd.read_csv(root / "results" / "runs" / s.role / "log.csv").drop(columns=timing, errors="ignore")
+        side = pd.read_csv(X.run_dir_of(s) / "log.csv").drop(columns=timing, errors="ignore")
+        pd.testing.assert_frame_equal(one, side, check_exact=True, obj=s.role)
+
+
+def test_results_in_the_repository_come_from_a_committed_tree(tmp_path, monkeypatch):
+    """A tree with uncommitted changes may not train into the repository's results/ (nobody could check the run out):
+    refused before anything is written; with allow_dirty the diff is kept beside the run it trained."""
+    monkeypatch.setenv("MMEBM_RUNS_DIR", str(tmp_path / "runs"))
+    monkeypatch.setattr(X, "git_revision", lambda: "abc1234+dirty")
+    inside = X.reproduce_dir().parent / "results" / f"_guard-test-{os.getpid()}"
+    try:
+        with pytest.raises(ValueError, match="uncommitted changes"):
+            X.reproduce("tiny", inside, progress=False, notebooks=False)
+        assert not inside.exists()
+        out = X.reproduce("tiny", inside, progress=False, notebooks=False, max_minutes=0.001, allow_dirty=True)
+        assert out["incomplete"]                        # one iteration of the first run, then the budget is spent
+        main = X.run_dir_of(X.plan_runs(X.load_plan("tiny"))[0][0])
+        assert (main / "uncommitted.diff").exists()     # (empty on a clean clone, where only git_revision was faked)
+    finally: shutil.rmtree(inside, ignore_errors=True)
+
+
 def test_a_plan_on_the_real_cub_without_its_folder_skips_that_run_with_the_reason(monkeypatch):
     "The paper plan trains on the real CUB from $MMEBM_CUB_ROOT; without it the CUB run is skipped, said why, and the rest plans."
     monkeypatch.delenv(X.CUB_ROOT_ENV, raising=False)

@@ -14,7 +14,7 @@ from torch import nn
 from tqdm.auto import tqdm
 from ..data import read_manifest, atomic_write, remove_stale_temporaries
 from ..datasets import resolve_config, data_path_of, dataset_of
-from ..train import (device_name, git_revision, resolve_device, runs_root, _atomic_torch_save, rng_state, set_rng_state,
+from ..train import (device_name, git_revision, resolve_device, runs_root, atomic_torch_save, rng_state, set_rng_state,
                          load_checkpoint_file, cut_log, threads_seen)
 from ..protocols import protocol_of_run
 from .config import (BASELINES, BASELINE_BUDGET_KEYS, BaselineConfig, baseline_config_hash,
@@ -62,7 +62,7 @@ class BaselineTrainer:
     def save_checkpoint(self):
         rng = rng_state()
         if torch.cuda.is_available(): rng["cuda"] = torch.cuda.get_rng_state_all()
-        _atomic_torch_save({"model": self.model.state_dict(), "opt": self.opt.state_dict(), "iteration": self.iteration,
+        atomic_torch_save({"model": self.model.state_dict(), "opt": self.opt.state_dict(), "iteration": self.iteration,
                             "wall_seconds": self.wall_before, "rng": rng, "config": asdict(self.cfg)},
                            self.run_dir / "checkpoint.pt")
 
