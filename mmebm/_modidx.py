@@ -365,6 +365,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                    'mmebm.experiments.baseline_runs': ('experiments.html#baseline_runs', 'mmebm/experiments.py'),
                                    'mmebm.experiments.baseline_sample_artefacts': ( 'experiments.html#baseline_sample_artefacts',
                                                                                     'mmebm/experiments.py'),
+                                   'mmebm.experiments.chain_artefact': ('experiments.html#chain_artefact', 'mmebm/experiments.py'),
                                    'mmebm.experiments.collect': ('experiments.html#collect', 'mmebm/experiments.py'),
                                    'mmebm.experiments.cub_data': ('experiments.html#cub_data', 'mmebm/experiments.py'),
                                    'mmebm.experiments.cub_runs': ('experiments.html#cub_runs', 'mmebm/experiments.py'),

@@ -21,7 +21,7 @@ from .config import Config, profile, config_hash
 from .datasets import dataset_for, resolve_config, data_path_of
 from .protocols import protocol_of
 from .train import train, Trainer, device_name, git_revision, resolve_device
-from .sample import export_weights
+from .sample import export_weights, load_model
 from . import metrics, baselines
 from .baselines import BaselineConfig, baseline_profile, baseline_config_hash, BASELINES
 
@@ -30,10 +30,10 @@ __all__ = ['REPRODUCE_ENV', 'PLAN_KEYS', 'CUB_KEYS', 'CUB_ROOT_ENV', 'SWEEPS', '
            'CAPTION_LINES', 'reproduce_dir', 'load_plan', 'RunSpec', 'baseline_runs', 'baseline_eval', 'cub_data',
            'cub_runs', 'plan_runs', 'is_baseline', 'run_dir_of', 'hash_of', 'finished_status', 'finished_in',
            'training_probe', 'train_run', 'evaluate_run', 'sample_artefacts', 'latent_decodes', 'cub_sample_artefacts',
-           'artefacts_of', 'baseline_sample_artefacts', 'collect', 'kept_runs', 'held_status', 'RunResults',
-           'run_notebook', 'artefact_note', 'write_index', 'update_readme', 'uncommitted_diff', 'usable_cores',
-           'train_parallel', 'reproduce', 'run_notebooks', 'figures', 'lookup', 'markdown_table', 'save_table',
-           'to_signed']
+           'artefacts_of', 'baseline_sample_artefacts', 'chain_artefact', 'collect', 'kept_runs', 'held_status',
+           'RunResults', 'run_notebook', 'artefact_note', 'write_index', 'update_readme', 'uncommitted_diff',
+           'usable_cores', 'train_parallel', 'reproduce', 'run_notebooks', 'figures', 'lookup', 'markdown_table',
+           'save_table', 'to_signed']
 
 # %% ../nbs/08_experiments.ipynb #b6adb82a
 REPRODUCE_ENV = "MMEBM_REPRODUCE_DIR"
@@ -46,7 +46,7 @@ def reproduce_dir() -> Path:
     return d
 
 PLAN_KEYS = {"name", "description", "profile", "set", "main", "ablation_iterations", "ablations", "eval", "samples",
-             "update_readme", "baselines", "cub", "weights"}
+             "update_readme", "baselines", "cub", "weights", "chain"}
 CUB_KEYS = {"profile", "data", "iterations", "epochs", "set", "eval", "baselines"}
 CUB_ROOT_ENV = "MMEBM_CUB_ROOT"     # the real CUB (published layout or an imported cache) for plans whose `cub.data` is "real"
 SWEEPS = ("K_x", "K_z", "noise_K_x")
@@ -320,9 +320,32 @@ def baseline_sample_artefacts(run_dir, n_grid: int = 8, n_cross: int = 4, seed: 
     np.savez_compressed(Path(run_dir) / "samples.npz", **out)
     return Path(run_dir) / "samples.npz"
 
+# %% ../nbs/08_experiments.ipynb #71864324
+def chain_artefact(run_dir, steps=(0, 5, 30, 70), n: int = 500, n_inception: int = 0, seed: int = 0,
+                   progress: bool = True, floor: float | None = None) -> Path:
+    """Write `chain.json` into a run directory (ours, PolyMNIST): `metrics.chain_length_effect` with the classifiers'
+    features, and with Inception's when n_inception > 0; reused when it exists with these settings. `floor`: the
+    classifiers' accuracy floor (`metrics.ACCURACY_FLOOR` unless given)."""
+    settings = {"steps": sorted({int(k) for k in steps}), "n": n, "n_inception": n_inception, "seed": seed}
+    f = Path(run_dir) / "chain.json"
+    old = read_json(f)
+    if old is not None and old.get("settings") == settings: return f
+    model, cfg, iteration = load_model(run_dir)
+    path = data_path_of(cfg)
+    test, clf = PolyMNIST(path, "test"), metrics.get_classifiers(path, progress=progress)
+    out = {"settings": settings, "iteration": iteration,
+           "classifier": metrics.chain_length_effect(model, test, clf, n=n, steps=steps, seed=seed, floor=floor)}
+    if n_inception:
+        ext, route = metrics.inception_extractor()
+        out["inception"] = metrics.chain_length_effect(model, test, clf, n=n_inception, steps=steps, seed=seed, floor=floor,
+                                                       extractor=ext, key=f"inception-{route}") | {"route": route}
+    atomic_write(f, json.dumps(out, indent=1) + "\n")
+    return f
+
 # %% ../nbs/08_experiments.ipynb #29655c14
 SMALL_FILES = ("config.yaml", "status.json", "log.csv", "metrics.json", "metrics.csv", "coherence_conditional_generator.csv",
-               "coherence_conditional_ebm.csv", "coherence_conditional_refiner.csv", "samples.npz", "uncommitted.diff")
+               "coherence_conditional_ebm.csv", "coherence_conditional_refiner.csv", "samples.npz", "uncommitted.diff",
+               "chain.json")
 
 def collect(plan: dict, specs: list[RunSpec], sweeps: dict, states: dict, results_dir, keep: dict | None = None) -> Path:
     """Copy each run's small files into results_dir/runs/<role>/ and write results_dir/runs.json. `keep` (from
@@ -538,6 +561,7 @@ LOOK_FOR = {
     "training_log": "is it learning: the probe's coherence against chance, latent norms near the prior's 1, the data chain above its noise floor",
     "training_log_cub": "the same diagnostics for the CUB run",
     "samples_unconditional": "digits in every modality, and the same digit across a column",
+    "chain_length": "whether a longer sampling chain lowers FID and raises joint coherence, and whether the agreeing digits are one digit",
     "latent_fit": "whether the data's revised latents fill the prior (norm 1, offset 0, KL near 0), and joint coherence from each latent source",
     "samples_latent_fit": "digits where the data's latents lie against what the prior's draws decode to",
     "samples_cross_modal": "the observed digit (red) carried into every other modality",
@@ -737,6 +761,12 @@ def reproduce(plan: str | dict, results_dir=None, progress: bool = True, noteboo
         except Exception as e:
             states[spec.role] |= {"state": "error", "reason": f"evaluation failed: {type(e).__name__}: {e}"}
         stage("scoring", t0)
+    for spec in (s for s in specs if s.role == "main" and plan.get("chain") and ok(s)):
+        t0 = time.time(); say(f"the sampling chain's length, {spec.role}")
+        try: chain_artefact(run_dir_of(spec), progress=progress, **plan["chain"])
+        except Exception as e:
+            states[spec.role] |= {"state": "error", "reason": f"chain artefact failed: {type(e).__name__}: {e}"}
+        stage("samples", t0)
     for spec in (s for s in specs if s.artefacts and ok(s)):
         t0 = time.time(); say(f"samples and trajectories of {spec.role}")
         try: artefacts_of(spec)(run_dir_of(spec), **plan.get("samples", {}))
