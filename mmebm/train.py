@@ -244,6 +244,7 @@ def train(cfg: Config, run_dir=None, resume: bool = True, progress: bool = True,
             raise ValueError(f"{run_dir} holds another config (hash {config_hash(saved)}, not {config_hash(cfg)})")
         t = Trainer.resume(run_dir, probe=probe, **{k: getattr(cfg, k) for k in BUDGET_KEYS})
     else:
+        if run_dir.is_dir(): remove_stale_temporaries(run_dir)   # a start killed before its first checkpoint left them
         t = Trainer(cfg, run_dir, probe=probe)
     return t, t.fit(progress)
 

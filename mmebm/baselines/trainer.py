@@ -151,6 +151,7 @@ def train_baseline(cfg: BaselineConfig, run_dir=None, resume: bool = True, progr
             raise ValueError(f"{run_dir} holds another config (hash {baseline_config_hash(saved)}, not {baseline_config_hash(cfg)})")
         t = BaselineTrainer.resume(run_dir, **{k: getattr(cfg, k) for k in BASELINE_BUDGET_KEYS})
     else:
+        if run_dir.is_dir(): remove_stale_temporaries(run_dir)   # a start killed before its first checkpoint left them
         t = BaselineTrainer(cfg, run_dir)
     return t, t.fit(progress)
 
