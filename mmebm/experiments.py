@@ -17,7 +17,7 @@ import torch
 import yaml
 from tqdm.auto import tqdm
 from .data import PolyMNIST, polymnist_path, read_manifest, atomic_write, read_json
-from .config import Config, profile, config_hash
+from .config import Config, profile, config_hash, read_config_file
 from .datasets import dataset_for, resolve_config, data_path_of
 from .protocols import protocol_of
 from .train import train, Trainer, device_name, git_revision, resolve_device
@@ -30,10 +30,10 @@ __all__ = ['REPRODUCE_ENV', 'PLAN_KEYS', 'CUB_KEYS', 'CUB_ROOT_ENV', 'SWEEPS', '
            'CAPTION_LINES', 'reproduce_dir', 'load_plan', 'RunSpec', 'baseline_runs', 'baseline_eval', 'cub_data',
            'cub_runs', 'plan_runs', 'is_baseline', 'run_dir_of', 'hash_of', 'finished_status', 'finished_in',
            'training_probe', 'train_run', 'evaluate_run', 'sample_artefacts', 'latent_decodes', 'cub_sample_artefacts',
-           'artefacts_of', 'baseline_sample_artefacts', 'chain_artefact', 'collect', 'kept_runs', 'held_status',
-           'RunResults', 'run_notebook', 'artefact_note', 'write_index', 'update_readme', 'uncommitted_diff',
-           'usable_cores', 'train_parallel', 'reproduce', 'run_notebooks', 'figures', 'lookup', 'markdown_table',
-           'save_table', 'to_signed']
+           'artefacts_of', 'baseline_sample_artefacts', 'chain_artefact', 'expost_artefact', 'collect', 'kept_runs',
+           'held_status', 'RunResults', 'run_notebook', 'artefact_note', 'write_index', 'update_readme',
+           'uncommitted_diff', 'usable_cores', 'train_parallel', 'reproduce', 'run_notebooks', 'figures', 'lookup',
+           'markdown_table', 'save_table', 'to_signed']
 
 # %% ../nbs/08_experiments.ipynb #b6adb82a
 REPRODUCE_ENV = "MMEBM_REPRODUCE_DIR"
@@ -46,7 +46,7 @@ def reproduce_dir() -> Path:
     return d
 
 PLAN_KEYS = {"name", "description", "profile", "set", "main", "ablation_iterations", "ablations", "eval", "samples",
-             "update_readme", "baselines", "cub", "weights", "chain"}
+             "update_readme", "baselines", "cub", "weights", "chain", "expost"}
 CUB_KEYS = {"profile", "data", "iterations", "epochs", "set", "eval", "baselines"}
 CUB_ROOT_ENV = "MMEBM_CUB_ROOT"     # the real CUB (published layout or an imported cache) for plans whose `cub.data` is "real"
 SWEEPS = ("K_x", "K_z", "noise_K_x")
@@ -342,10 +342,38 @@ def chain_artefact(run_dir, steps=(0, 5, 30, 70), n: int = 500, n_inception: int
     atomic_write(f, json.dumps(out, indent=1) + "\n")
     return f
 
+# %% ../nbs/08_experiments.ipynb #00a88fb4
+def expost_artefact(run_dir, n: int = 1000, n_fid: int = 500, n_fit: int = 2000, components: int = 10,
+                    n_inception: int = 0, seed: int = 0, progress: bool = True, floor: float | None = None) -> Path:
+    """Write `expost.json` into a PolyMNIST run directory (ours or a baseline's): `metrics.expost_metrics` of a mixture
+    fitted to the latents of n_fit training tuples, joint coherence of n draws, classifier FID at n_fid, Inception
+    FID at n_inception (0: not computed, and said so); reused when it exists with these settings and iteration."""
+    run_dir = Path(run_dir)
+    settings = {"n": n, "n_fid": n_fid, "n_fit": n_fit, "components": components, "n_inception": n_inception, "seed": seed}
+    f, status = run_dir / "expost.json", read_json(run_dir / "status.json", {})
+    old = read_json(f)
+    if old is not None and old.get("settings") == settings and old.get("iteration") == status.get("iteration"): return f
+    base = baselines.is_baseline_config(read_config_file(run_dir / "config.yaml"))
+    t = metrics.load_run(run_dir, baselines.BaselineTrainer.resume if base else None)
+    model = t.model.eval()
+    train_ds, test = PolyMNIST(t.data_path, "train"), PolyMNIST(t.data_path, "test")
+    clf = metrics.get_classifiers(t.data_path, progress=progress)
+    ext = key = None
+    if n_inception:
+        ext, route = metrics.inception_extractor()
+        key = f"inception-{route}"
+    res = metrics.expost_metrics(model, train_ds, test, clf, n=n, n_fid=n_fid, n_fit=n_fit, components=components, seed=seed,
+                                 extractor=ext, key=key or "inception", n_inception=n_inception, floor=floor, progress=progress)
+    if not n_inception: res["fid_inception"] = {"unavailable": "not requested (n_inception=0)"}
+    out = {"settings": settings, "iteration": t.iteration, "model": t.cfg.name if not base else t.cfg.model,
+           "revision": git_revision(), "computed_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())} | res
+    atomic_write(f, json.dumps(out, indent=1) + "\n")
+    return f
+
 # %% ../nbs/08_experiments.ipynb #29655c14
 SMALL_FILES = ("config.yaml", "status.json", "log.csv", "metrics.json", "metrics.csv", "coherence_conditional_generator.csv",
                "coherence_conditional_ebm.csv", "coherence_conditional_refiner.csv", "samples.npz", "uncommitted.diff",
-               "chain.json")
+               "chain.json", "expost.json")
 
 def collect(plan: dict, specs: list[RunSpec], sweeps: dict, states: dict, results_dir, keep: dict | None = None) -> Path:
     """Copy each run's small files into results_dir/runs/<role>/ and write results_dir/runs.json. `keep` (from
@@ -766,6 +794,12 @@ def reproduce(plan: str | dict, results_dir=None, progress: bool = True, noteboo
         try: chain_artefact(run_dir_of(spec), progress=progress, **plan["chain"])
         except Exception as e:
             states[spec.role] |= {"state": "error", "reason": f"chain artefact failed: {type(e).__name__}: {e}"}
+        stage("samples", t0)
+    for spec in (s for s in specs if s.role in (plan.get("expost") or {}).get("roles", []) and ok(s)):
+        t0 = time.time(); say(f"ex-post sampler, {spec.role}")
+        try: expost_artefact(run_dir_of(spec), progress=progress, **{k: v for k, v in plan["expost"].items() if k != "roles"})
+        except Exception as e:
+            states[spec.role] |= {"state": "error", "reason": f"ex-post artefact failed: {type(e).__name__}: {e}"}
         stage("samples", t0)
     for spec in (s for s in specs if s.artefacts and ok(s)):
         t0 = time.time(); say(f"samples and trajectories of {spec.role}")

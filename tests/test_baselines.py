@@ -223,3 +223,24 @@ def test_old_baseline_run_ids_stay():
     plain = B.baseline_profile("helvae", "smoke", private_latents=False, beta_style=1.0)
     assert B.baseline_config_hash(plain) == "810b1d16"
     assert B.baseline_config_hash(B.baseline_profile("helvae", "smoke")) != "810b1d16"
+
+
+@pytest.mark.parametrize("key", ["mopoe", "mmvae_plus", "helvae"])
+def test_expost_sampler_fits_every_latent_space_of_a_baseline(key):
+    """The ex-post sampler of the main table's rows (mmebm.metrics.ExPost) reads each baseline's own latents: the
+    shared one, and MMVAE+'s modality-specific ones in mixtures of their own; its draws are fixed by torch's seed."""
+    from mmebm.data import PolyMNIST
+    from mmebm.datasets import data_path_of
+    from mmebm.metrics import ExPost, kinds_of
+    cfg = B.baseline_profile(key, "tiny")
+    torch.manual_seed(0)
+    model = B.build_baseline(cfg).eval()
+    ep = ExPost(model, PolyMNIST(data_path_of(cfg), "train"), n_fit=60, components=2)
+    styles = {f"m{m}": cfg.style_dim for m in range(5)} if key == "mmvae_plus" else {}
+    assert ep.dims == {"z": cfg.latent_dim} | styles and kinds_of(ep) == ("generator",)
+    torch.manual_seed(3); a = ep.sample(6)
+    torch.manual_seed(3); b = ep.sample(6)
+    assert [tuple(x.shape) for x in a] == [(6, 3, 28, 28)] * 5 and all(torch.equal(x, y) for x, y in zip(a, b))
+    assert not all(torch.equal(x, y) for x, y in zip(a, ep.sample(6)))     # the next call draws anew
+    with pytest.raises(ValueError, match="only a model with an EBM"):
+        ep.sample(2, revised=True)
