@@ -344,15 +344,17 @@ def chain_artefact(run_dir, steps=(0, 5, 30, 70), n: int = 500, n_inception: int
 
 # %% ../nbs/08_experiments.ipynb #00a88fb4
 def expost_artefact(run_dir, n: int = 1000, n_fid: int = 500, n_fit: int = 2000, components: int = 10,
-                    n_inception: int = 0, seed: int = 0, progress: bool = True, floor: float | None = None) -> Path:
+                    n_inception: int = 0, seed: int = 0, n_grid: int = 8, progress: bool = True, floor: float | None = None) -> Path:
     """Write `expost.json` into a PolyMNIST run directory (ours or a baseline's): `metrics.expost_metrics` of a mixture
     fitted to the latents of n_fit training tuples, joint coherence of n draws, classifier FID at n_fid, Inception
-    FID at n_inception (0: not computed, and said so); reused when it exists with these settings and iteration."""
+    FID at n_inception (0: not computed, and said so); and `expost_samples.npz`, n_grid draws (uint8) and, for ours,
+    the same draws after the EBM's revision. Reused when both exist with these settings and iteration."""
     run_dir = Path(run_dir)
-    settings = {"n": n, "n_fid": n_fid, "n_fit": n_fit, "components": components, "n_inception": n_inception, "seed": seed}
-    f, status = run_dir / "expost.json", read_json(run_dir / "status.json", {})
+    settings = {"n": n, "n_fid": n_fid, "n_fit": n_fit, "components": components, "n_inception": n_inception, "seed": seed,
+                "n_grid": n_grid}
+    f, grid, status = run_dir / "expost.json", run_dir / "expost_samples.npz", read_json(run_dir / "status.json", {})
     old = read_json(f)
-    if old is not None and old.get("settings") == settings and old.get("iteration") == status.get("iteration"): return f
+    if old is not None and old.get("settings") == settings and old.get("iteration") == status.get("iteration") and grid.exists(): return f
     base = baselines.is_baseline_config(read_config_file(run_dir / "config.yaml"))
     t = metrics.load_run(run_dir, baselines.BaselineTrainer.resume if base else None)
     model = t.model.eval()
@@ -365,6 +367,12 @@ def expost_artefact(run_dir, n: int = 1000, n_fid: int = 500, n_fit: int = 2000,
     res = metrics.expost_metrics(model, train_ds, test, clf, n=n, n_fid=n_fid, n_fit=n_fit, components=components, seed=seed,
                                  extractor=ext, key=key or "inception", n_inception=n_inception, floor=floor, progress=progress)
     if not n_inception: res["fid_inception"] = {"unavailable": "not requested (n_inception=0)"}
+    # the picture: n_grid draws of a mixture fitted as above (the same seed), and ours revised from the same draws
+    ep = metrics.ExPost(model, train_ds, n_fit, components, seed)
+    torch.manual_seed(seed)
+    x = ep.sample(n_grid)
+    arrays = {"generator": _u8(x)} | ({"ebm": _u8(model.revise_x(x).samples)} if ep.revised_by else {})
+    np.savez_compressed(grid, **arrays, iteration=t.iteration)
     out = {"settings": settings, "iteration": t.iteration, "model": t.cfg.name if not base else t.cfg.model,
            "revision": git_revision(), "computed_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())} | res
     atomic_write(f, json.dumps(out, indent=1) + "\n")
@@ -373,7 +381,7 @@ def expost_artefact(run_dir, n: int = 1000, n_fid: int = 500, n_fit: int = 2000,
 # %% ../nbs/08_experiments.ipynb #29655c14
 SMALL_FILES = ("config.yaml", "status.json", "log.csv", "metrics.json", "metrics.csv", "coherence_conditional_generator.csv",
                "coherence_conditional_ebm.csv", "coherence_conditional_refiner.csv", "samples.npz", "uncommitted.diff",
-               "chain.json", "expost.json")
+               "chain.json", "expost.json", "expost_samples.npz")
 
 def collect(plan: dict, specs: list[RunSpec], sweeps: dict, states: dict, results_dir, keep: dict | None = None) -> Path:
     """Copy each run's small files into results_dir/runs/<role>/ and write results_dir/runs.json. `keep` (from
@@ -559,6 +567,13 @@ def _run_shows(stem: str, res: "RunResults") -> str | None:
         return (f"the data's z~ at {f['norm_per_dim']:.2f} per dimension (offset {f['mean_offset_per_dim']:.2f}); all five digits "
                 f"agree on {_f(j['prior'])} of decodes from the prior, {_f(j['gaussian_fit'])} from the fitted Gaussian, "
                 f"{_f(j['revised_latents'])} from the z~ themselves")
+    if stem == "samples_expost":
+        shown = []
+        for role in ["main", *(r for r in res.index["runs"] if r.startswith("baseline-"))]:
+            f = res.path(role, "expost.json")
+            if f is None: continue
+            shown.append(f"{role} " + " / ".join(_f(v) for v in json.loads(f.read_text())["coherence"].values()))
+        return ("all five digits agree on ex-post draws (generator / EBM-revised): " + ", ".join(shown)) if shown else None
     if stem in ("training_log", "training_log_cub"):
         log = res.log("main" if stem == "training_log" else "cub")
         if log is None or "probe_coh" not in log: return None
@@ -592,6 +607,7 @@ LOOK_FOR = {
     "chain_length": "whether a longer sampling chain lowers FID and raises joint coherence, and whether the agreeing digits are one digit",
     "latent_fit": "whether the data's revised latents fill the prior (norm 1, offset 0, KL near 0), and joint coherence from each latent source",
     "samples_latent_fit": "digits where the data's latents lie against what the prior's draws decode to",
+    "samples_expost": "whether draws where the training latents lie are digits that agree across a column, for every model",
     "samples_cross_modal": "the observed digit (red) carried into every other modality",
     "samples_cross_modal_revised": "how far the EBM's revision, the observed modality clamped, moves the conditional samples",
     "samples_baselines": "every model's unconditional samples side by side",
