@@ -32,7 +32,8 @@ def test_the_cpu_main_run_ships_checked_weights():
     import json
     status = json.loads((MAIN / "status.json").read_text())
     # the weights are those of the run the folder describes: its iteration, its config
-    assert iteration == status["iteration"] and cfg.name == "cpu" and not model.training
+    from mmebm.config import load_config
+    assert iteration == status["iteration"] and cfg == load_config(MAIN / "config.yaml") and not model.training
 
 
 def test_sample_command_on_a_fresh_clone(tmp_path):
