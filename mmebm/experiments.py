@@ -364,11 +364,11 @@ def expost_artefact(run_dir, n: int = 1000, n_fid: int = 500, n_fit: int = 2000,
     if n_inception:
         ext, route = metrics.inception_extractor()
         key = f"inception-{route}"
+    ep = metrics.ExPost(model, train_ds, n_fit, components, seed)      # fitted once: scored, then drawn for the picture
     res = metrics.expost_metrics(model, train_ds, test, clf, n=n, n_fid=n_fid, n_fit=n_fit, components=components, seed=seed,
-                                 extractor=ext, key=key or "inception", n_inception=n_inception, floor=floor, progress=progress)
+                                 extractor=ext, key=key or "inception", n_inception=n_inception, floor=floor, progress=progress, ep=ep)
     if not n_inception: res["fid_inception"] = {"unavailable": "not requested (n_inception=0)"}
-    # the picture: n_grid draws of a mixture fitted as above (the same seed), and ours revised from the same draws
-    ep = metrics.ExPost(model, train_ds, n_fit, components, seed)
+    # the picture: n_grid draws of the same mixture, and ours revised from the same draws
     torch.manual_seed(seed)
     x = ep.sample(n_grid)
     arrays = {"generator": _u8(x)} | ({"ebm": _u8(model.revise_x(x).samples)} if ep.revised_by else {})

@@ -793,12 +793,12 @@ class ExPost:
 @torch.no_grad()
 def expost_metrics(model, train: PolyMNIST, test: PolyMNIST, classifiers: dict, n: int = 1000, n_fid: int | None = None, n_fit: int = 2000,
                    components: int = 10, seed: int = 0, kinds=None, extractor=None, key: str = "inception",
-                   n_inception: int = 0, floor: float | None = None, progress: bool = False) -> dict:
-    """The protocol's unconditional scores of `ExPost` draws fitted on `train`: per kind (the generator's decodes, and
+                   n_inception: int = 0, floor: float | None = None, progress: bool = False, ep: ExPost | None = None) -> dict:
+    """`ep`: an `ExPost` already fitted (so a caller that also draws pictures fits once). The protocol's unconditional scores of `ExPost` draws fitted on `train`: per kind (the generator's decodes, and
     ours revised by the EBM), joint coherence of n draws and the classifier-feature Frechet distance per modality of
     n_fid draws (default n) to as many `test` images; Inception's too (`extractor`, `key`) at n_inception. On a forked random stream (`seed`)."""
     check_floor(classifiers, ACCURACY_FLOOR if floor is None else floor)
-    ep = ExPost(model, train, n_fit, components, seed)
+    ep = ep or ExPost(model, train, n_fit, components, seed)
     kinds = tuple(kinds or kinds_of(ep))
     dev = model_device(model)
     out = {"sampler": "ex-post Gaussian mixture per latent space (a departure from the paper)", "fitted_on": train.split,
