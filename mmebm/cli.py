@@ -130,7 +130,7 @@ def _print_cub(res: dict, run) -> int:
         for k, d in v.items():
             if isinstance(d, dict): print(f"{key} ({k}): {fmt(d)}")
         if key.startswith("fid"): print(f"{key}: {fmt({k: d for k, d in v.items() if not isinstance(d, dict)})}")
-    print(f"wrote {Path(run) / 'metrics.json'}")
+    print(f"wrote {Path(run) / 'metrics.json'}")       # `run`: where the scores went (--out, or the run)
     return 0
 
 def _eval(a):
@@ -147,8 +147,11 @@ def _eval(a):
     res = score(a.run, n_coherence=a.n, n_fid=a.n_fid, n_inception=a.n_inception,
                            inception_weights=a.inception_weights, inception_route=a.inception_route,
                            inception_conditional=not a.no_inception_conditional, classifiers=a.classifiers,
-                           subsets=a.subsets, progress=not a.quiet, **also)
-    if protocol.name == "image_caption": return _print_cub(res, a.run)          # a CUB run (06b_cub_metrics)
+                           subsets=a.subsets, progress=not a.quiet, out=a.out, **also)
+    prov = res["provenance"]
+    if not prov["finished"]:       # scored as what it is: said here and in metrics.json's provenance
+        print(f"note: {run} is unfinished: scored at iteration {prov['iteration']} of {prov['planned_iterations']} planned")
+    if protocol.name == "image_caption": return _print_cub(res, a.out or a.run)          # a CUB run (06b_cub_metrics)
     acc = ", ".join(f"{k} {v:.4f}" for k, v in res["classifiers"]["accuracy"].items())
     print(f"classifiers: {res['classifiers']['which']}; test accuracy: {acc}")
     coh = res["coherence"]
@@ -166,7 +169,7 @@ def _eval(a):
             for key, v in d.items(): print(f"{name} {key} (first n={m} of the same draws): mean {v['mean']:.2f}")
     fids("classifier-feature FID", res["fid_classifier"])
     fids("Inception FID", res["fid_inception"])
-    print(f"wrote {Path(a.run) / 'metrics.json'}")
+    print(f"wrote {Path(a.out or a.run) / 'metrics.json'}")
     return 0
 
 def _reproduce(a):
@@ -197,7 +200,7 @@ def _sample(a):
 def _upgrade_checkpoint(a):
     from mmebm import train
     for run in a.runs:
-        print(f"rewrote {train.upgrade_checkpoint(run)} (it now loads with weights_only=True)")
+        print(f"rewrote {train.upgrade_checkpoint(run, trust=a.trust)} (it now loads with weights_only=True)")
     return 0
 
 def build_parser() -> argparse.ArgumentParser:
@@ -254,6 +257,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--classifiers", default=None, metavar="FOLDER",
                     help="score coherence with the published PolyMNIST classifiers (pretrained_img_to_digit_clf_m0..4)")
     ev.add_argument("--subsets", default="all", choices=["all", "single"], help="observed subsets for conditional coherence")
+    ev.add_argument("--out", default=None, metavar="DIR",
+                    help="write metrics.json (and the coherence tables) here instead of into the run (which is only read)")
     ev.add_argument("--quiet", action="store_true")
     ev.set_defaults(func=_eval)
     rp = sub.add_parser("reproduce", help="regenerate results/<profile>/: runs, scores, tables, figures")
@@ -298,6 +303,8 @@ def build_parser() -> argparse.ArgumentParser:
     up = sub.add_parser("upgrade-checkpoint", help="rewrite checkpoints of an older mmebm so that they load safely "
                         "(this one load runs the file's pickle: only for run directories you trust)")
     up.add_argument("runs", nargs="+", metavar="RUN", help="run directories (or checkpoint files)")
+    up.add_argument("--trust", action="store_true",
+                    help="I trust these files' source: run their pickle once to rewrite them (refused without it)")
     up.set_defaults(func=_upgrade_checkpoint)
     for q in (t, bn):
         q.add_argument("--profile", default=None, help="a named profile: " + ", ".join(sorted(PROFILES))
@@ -315,6 +322,6 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (data.DataError, FileNotFoundError, ValueError, RuntimeError) as e:
+    except (data.DataError, OSError, ValueError, RuntimeError) as e:      # OSError: a read-only or missing path
         print(f"mmebm: error: {e}", file=sys.stderr)
         return 2

@@ -191,13 +191,16 @@ def image_fid(gens: dict, test: CUBCaptions, extractor, key: str, n: int, progre
 # %% ../nbs/06b_cub_metrics.ipynb #c94e85b0
 def evaluate_cub(run_dir, n_coherence: int = 500, n_fid: int = 1000, n_inception: int = 0, inception_weights: str | None = None,
                  inception_route: str = "auto", inception_conditional: bool = True, classifiers: str | None = None,
-                 subsets: str = "all", kinds=None, progress: bool = True, load=None, n_inception_also: Sequence[int] = ()) -> dict:
+                 subsets: str = "all", kinds=None, progress: bool = True, load=None, n_inception_also: Sequence[int] = (),
+                 out=None) -> dict:
     """Score a trained CUB (or stand-in) run with this protocol; write metrics.json and metrics.csv into the run
-    directory. The keywords are `metrics.evaluate`'s, so that a caller can choose either by the run's data set
+    directory (or `out`; the run itself is only read). The keywords are `metrics.evaluate`'s, so that a caller can choose either by the run's data set
     (`protocols.protocol_of_run`); `inception_conditional` and `subsets` have no meaning with two modalities (caption ->
     image is the only conditional FID). Generations are drawn once per kind and shared by the metrics."""
     if classifiers: raise ValueError("published classifiers are PolyMNIST's; CUB runs are scored with their own")
     t = load_run(run_dir, load)
+    out = Path(out) if out else Path(run_dir)
+    out.mkdir(parents=True, exist_ok=True)
     model = t.model.eval()
     kinds = tuple(kinds or kinds_of(model))
     test = CUBCaptions(t.data_path, "test")
@@ -242,4 +245,4 @@ def evaluate_cub(run_dir, n_coherence: int = 500, n_fid: int = 1000, n_inception
     timed("fid_inception", lambda: inception_scores(n_inception, inception_weights, inception_route,
                                                     lambda ext, key: image_fid(gens, test, ext, key, n_inception, progress, n_inception_also)))
     timed("cost", lambda: cost_metrics(model, run_dir))
-    return write_metrics(run_dir, res)
+    return write_metrics(out, res)

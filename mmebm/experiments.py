@@ -239,7 +239,7 @@ def _u8(xs) -> np.ndarray:
 @torch.no_grad()
 def sample_artefacts(run_dir, n_grid: int = 8, n_cross: int = 4, n_traj: int = 4, record_every: int = 1, seed: int = 0) -> Path:
     "Write `samples.npz` (sample grids and recorded chains) into a run directory; return its path."
-    t = Trainer.resume(run_dir)
+    t = Trainer.load(run_dir)
     model, dev = t.model.eval(), t.device
     test = PolyMNIST(t.data_path, "test")
     torch.manual_seed(seed)
@@ -276,8 +276,8 @@ def latent_decodes(model, test, n_grid: int, n_fit: int = 500) -> dict:
     return {f"latent_{k}": _u8(model.decode(v.to(dev))) for k, v in sources.items()}
 
 @torch.no_grad()
-def cub_sample_artefacts(run_dir, n_grid: int = 8, seed: int = 0, load=Trainer.resume, **unused) -> Path:
-    """`samples.npz` of a CUB run (ours, or a baseline's with `load=BaselineTrainer.resume`): the first n_grid test
+def cub_sample_artefacts(run_dir, n_grid: int = 8, seed: int = 0, load=Trainer.load, **unused) -> Path:
+    """`samples.npz` of a CUB run (ours, or a baseline's with `load=BaselineTrainer.load`): the first n_grid test
     images with their first caption, joint samples, captions from the images and images from the captions, for each
     kind of sample the model has (generator; EBM-revised or refined) (captions as text)."""
     from mmebm.cub import CUBCaptions
@@ -301,7 +301,7 @@ def cub_sample_artefacts(run_dir, n_grid: int = 8, seed: int = 0, load=Trainer.r
 def artefacts_of(spec: RunSpec):
     "The sample writer for a run: ours or a baseline's, by its data set's protocol (PolyMNIST's or image-caption)."
     writers = {"polymnist": (sample_artefacts, baseline_sample_artefacts),        # (ours, a baseline's)
-               "image_caption": (cub_sample_artefacts, partial(cub_sample_artefacts, load=baselines.BaselineTrainer.resume))}
+               "image_caption": (cub_sample_artefacts, partial(cub_sample_artefacts, load=baselines.BaselineTrainer.load))}
     ours, baseline = writers[dataset_for(spec.cfg).protocol]
     return baseline if is_baseline(spec) else ours
 
@@ -309,7 +309,7 @@ def artefacts_of(spec: RunSpec):
 def baseline_sample_artefacts(run_dir, n_grid: int = 8, n_cross: int = 4, seed: int = 0, **unused) -> Path:
     """`samples.npz` of a baseline run: real tuples, unconditional samples (`generator`; `revised` too when the model
     has a second stage) and every modality generated from each single one (`cross`), as for our main run."""
-    t = baselines.BaselineTrainer.resume(run_dir)
+    t = baselines.BaselineTrainer.load(run_dir)
     model, dev = t.model.eval(), t.device
     test = PolyMNIST(t.data_path, "test")
     torch.manual_seed(seed); np.random.seed(seed)
@@ -356,7 +356,7 @@ def expost_artefact(run_dir, n: int = 1000, n_fid: int = 500, n_fit: int = 2000,
     old = read_json(f)
     if old is not None and old.get("settings") == settings and old.get("iteration") == status.get("iteration") and grid.exists(): return f
     base = baselines.is_baseline_config(read_config_file(run_dir / "config.yaml"))
-    t = metrics.load_run(run_dir, baselines.BaselineTrainer.resume if base else None)
+    t = metrics.load_run(run_dir, baselines.BaselineTrainer.load if base else None)
     model = t.model.eval()
     train_ds, test = PolyMNIST(t.data_path, "train"), PolyMNIST(t.data_path, "test")
     clf = metrics.get_classifiers(t.data_path, progress=progress)

@@ -14,6 +14,7 @@ from torch import nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 from .data import PolyMNIST, read_manifest, to_unit, sha256_file, atomic_write, read_json
+from . import rundir
 from .datasets import dataset_for
 
 # %% auto #0
@@ -621,8 +622,10 @@ def provenance(run_dir, t) -> dict:
     run_dir = Path(run_dir)
     status = read_json(run_dir / "status.json", {})
     man = read_manifest(t.data_path)
-    return {"run": run_dir.name, "config_hash": status.get("config_hash"), "profile": t.cfg.name, "seed": t.cfg.seed,
-            "iteration": t.iteration, "epochs": t.iteration / t.per_epoch, "train_wall_seconds": t.wall_before,
+    # the run's own numbers, not its status.json's (absent while it trains): an unfinished run is scored as what it is
+    return {"run": run_dir.name, "config_hash": t.config_hash, "profile": t.cfg.name, "seed": t.cfg.seed,
+            "iteration": t.iteration, "planned_iterations": t.total, "finished": t.iteration >= t.total,
+            "epochs": t.iteration / t.per_epoch, "train_wall_seconds": t.wall_before,
             "data": {"name": man["name"], "source": man["source"], "data_sha256": man["data_sha256"]},
             "device": device_name(model_device(t.model)), "revision": git_revision(), "mmebm": mmebm.__version__,
             "torch": torch.__version__, "evaluated_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
@@ -642,27 +645,32 @@ def inception_scores(n: int, weights: str | None, route: str, score) -> dict:
 def write_metrics(run_dir, res: dict) -> dict:
     "metrics.json (nested) and metrics.csv (one flattened metric per row) into the run directory; returns `res`."
     import pandas as pd
-    atomic_write(Path(run_dir) / "metrics.json", json.dumps(res, indent=2) + "\n")
+    atomic_write(Path(run_dir) / "metrics.json", rundir.dumps(res))       # an undefined number is null, never NaN
     pd.DataFrame(list(_flatten(res)), columns=["metric", "value"]).to_csv(Path(run_dir) / "metrics.csv", index=False)
     return res
 
 def load_run(run_dir, load=None):
-    "The trained run behind a run directory: `load(run_dir)` (a baseline's loader) or, by default, ours (`Trainer.resume`)."
+    """The trained run behind a run directory, read-only (nothing in the run is written: scoring may run beside its
+    training): `load(run_dir)` (a baseline's loader) or, by default, ours (`Trainer.load`)."""
     from mmebm.train import Trainer
-    return (load or Trainer.resume)(Path(run_dir))
+    return (load or Trainer.load)(Path(run_dir))
 
 def evaluate(run_dir, n_coherence: int = 500, n_fid: int = 1000, n_inception: int = 0, inception_weights: str | None = None,
              inception_route: str = "auto", inception_conditional: bool = True, classifiers: str | None = None,
-             subsets: str = "all", kinds=None, progress: bool = True, load=None, n_inception_also: Sequence[int] = ()) -> dict:
-    """Score a trained PolyMNIST run with the common protocol; write metrics.json and metrics.csv into the run directory.
+             subsets: str = "all", kinds=None, progress: bool = True, load=None, n_inception_also: Sequence[int] = (),
+             out=None) -> dict:
+    """Score a trained PolyMNIST run with the common protocol; write metrics.json and metrics.csv into the run directory
+    (or into `out`: a run that cannot be written, or scored beside its training). The run itself is only read.
     n_inception=0 skips Inception FID (recorded as not requested); `classifiers` names the published ones.
     `n_inception_also`: smaller n at which Inception FID is also given, from the same draws (`fid_metrics`' `also_n`):
     a run scored at a larger n for its own comparison keeps the n its table shares with the other rows.
-    `load(run_dir)` gives the trained run (default: ours, `Trainer.resume`; the baselines pass their own): anything
+    `load(run_dir)` gives the trained run (default: ours, `Trainer.load`; the baselines pass their own): anything
     with `model`, `cfg` (name, seed), `iteration`, `per_epoch`, `wall_before` and `data_path`. `kinds` defaults to
     `kinds_of(model)`."""
     run_dir = Path(run_dir)
     t = load_run(run_dir, load)
+    out = Path(out) if out else run_dir
+    out.mkdir(parents=True, exist_ok=True)
     if dataset_for(t.cfg).protocol != "polymnist":     # each data set's scoring lives with it: the caller chooses
         raise ValueError(f"{run_dir} is a {t.cfg.dataset} run: score it with its data set's protocol "
                          "(mmebm.cub_metrics.evaluate_cub for CUB, as mmebm.protocols.protocol_of_run says; `mmebm eval` chooses by itself)")
@@ -679,7 +687,7 @@ def evaluate(run_dir, n_coherence: int = 500, n_fid: int = 1000, n_inception: in
                         "inception_conditional": inception_conditional, "classifiers": classifiers, "subsets": subsets,
                         "kinds": list(kinds), "n_inception_also": sorted(int(a) for a in n_inception_also)}, "seconds": {}}
     timed = lambda name, fn: timed_into(res, name, fn)
-    timed("coherence", lambda: coherence_metrics(model, test, clf, n_coherence, kinds, subsets, run_dir, progress))
+    timed("coherence", lambda: coherence_metrics(model, test, clf, n_coherence, kinds, subsets, out, progress))
     # what "above chance" has to beat, kept with the scores so that tables can be redrawn without the data set
     res["reference"] = {"constant_label": constant_label_reference(test.labels[:n_coherence]), "n": n_coherence}
     timed("fid_classifier", lambda: {"features": "coherence classifier penultimate layer (128-d): not Inception FID"}
@@ -689,7 +697,7 @@ def evaluate(run_dir, n_coherence: int = 500, n_fid: int = 1000, n_inception: in
     timed("cost", lambda: cost_metrics(model, run_dir))
     # last, so that every number above is drawn as before it existed; ours only (a N(0, I) prior)
     if has_gaussian_prior(model): timed("latent_fit", lambda: _or_reason(lambda: latent_fit(model, test, clf, n_coherence)))
-    return write_metrics(run_dir, res)
+    return write_metrics(out, res)
 
 def _or_reason(fn) -> dict:
     "fn(), or the reason it cannot be computed honestly."

@@ -36,11 +36,13 @@ def generator_loss(model: MMEBM, x: Sequence[torch.Tensor], z_rev: torch.Tensor,
     return loss
 
 def inference_loss(model: MMEBM, x: Sequence[torch.Tensor], z_rev: torch.Tensor, z: torch.Tensor | None,
-                   x_rev: Sequence[torch.Tensor] | None, lambda_I: float = 0.1, per_modality_chains: bool = False) -> torch.Tensor:
+                   x_rev: Sequence[torch.Tensor] | None, lambda_I: float = 0.1, per_modality_chains: bool = False,
+                   prior_kl: float = 0.0) -> torch.Tensor:
     """L_I = -(1/M) sum_m log q_m(sg(z~) | x_m) - lambda_I (1/M) sum_m log q_m(z | sg(x~_m)).
 
     `per_modality_chains` (independent inference): row block m of `z_rev` is modality m's own chain, and
-    only expert m regresses it."""
+    only expert m regresses it. `prior_kl` (a departure from the paper, 0 = off): beta (1/M) sum_m KL(q_m(z | x_m) ||
+    N(0, I)) added, the VAE's pull of the codes toward the prior that unconditional samples are drawn from."""
     inf, M, b = model.inference, len(x), x[0].shape[0]
     z_rev = z_rev.detach()
     if per_modality_chains:
@@ -50,6 +52,10 @@ def inference_loss(model: MMEBM, x: Sequence[torch.Tensor], z_rev: torch.Tensor,
         loss = -inf.log_q(z_rev, {m: t.repeat(reps, *[1] * (t.dim() - 1)) for m, t in enumerate(x)}).mean()
     if x_rev is not None and lambda_I:
         loss = loss - lambda_I * inf.log_q(z.detach(), {m: t.detach() for m, t in enumerate(x_rev)}).mean()
+    if prior_kl:   # closed form per expert: 0.5 sum_d (mu^2 + e^lv - 1 - lv)
+        ex = inf.experts(dict(enumerate(x))).values()
+        kl = sum(0.5 * (mu.pow(2) + lv.exp() - 1 - lv).sum(1).mean() for mu, lv in ex) / M
+        loss = loss + prior_kl * kl
     return loss
 
 # %% ../nbs/04_revision.ipynb #2edd72a1
@@ -129,10 +135,10 @@ class RevisionStep:
     "One training iteration of the three models by MCMC revision (order G -> I -> E)."
     def __init__(self, model: MMEBM, opt_E, opt_G, opt_I, lambda_S: float = 50.0, lambda_I: float = 0.1,
                  temper: bool = True, resample_after_g: bool = True, guard_threshold: float = 1e4, amp: bool = False,
-                 losses: dict | None = None, reduce=None, diagnostics: bool = True):
+                 losses: dict | None = None, reduce=None, diagnostics: bool = True, prior_kl: float = 0.0):
         self.model, self.opt = model, {"E": opt_E, "G": opt_G, "I": opt_I}
         self.diagnostics = diagnostics       # `learning_diagnostics` in the log (a few % more time; no random numbers)
-        self.lambda_S, self.lambda_I, self.temper = lambda_S, lambda_I, temper
+        self.lambda_S, self.lambda_I, self.temper, self.prior_kl = lambda_S, lambda_I, temper, prior_kl
         self.resample_after_g, self.guard_threshold, self.amp = resample_after_g, guard_threshold, amp
         # a process group swaps in DDP-wrapped losses (mmebm.scale.ddp_losses) and a mean over the ranks for
         # every reported number, so that each rank's divergence guard takes the same decision
@@ -171,7 +177,7 @@ class RevisionStep:
             t3 = now(); log["sec_G"] = t3 - t2
             # 5: inference step
             L_I = self.loss["I"](x, z_rev, z, x_rev if paired else None, self.lambda_I,
-                                 per_modality_chains=m.inference_mode == "independent")
+                                 per_modality_chains=m.inference_mode == "independent", prior_kl=self.prior_kl)
             li = self.reduce(L_I.detach()).item(); check_loss("inference model", li)
             self.opt["I"].zero_grad(set_to_none=True); L_I.backward()
             log["grad_I"] = grad_norm(m.inference.parameters()); self.opt["I"].step()

@@ -16,13 +16,16 @@ from .datasets import resolve_config, data_path_of, dataset_of      # the data s
 from .model import MMEBM, frozen
 from .revision import RevisionStep, Diverged
 from . import scale
+from .rundir import RunLock, save_with_previous, first_loadable, dumps     # one writer, two checkpoints (05d_rundir)
 from .config import Config, profile, config_hash, save_config, load_config, BUDGET_KEYS     # profile: for the examples
 
 # %% auto #0
-__all__ = ['MODEL_KEYS', 'LOG_COLUMNS', 'PROBE_COLUMNS', 'build_model', 'build_optimisers', 'raise_ebm_lr', 'resolve_device',
-           'quick_checks', 'Trainer', 'default_run_dir', 'train', 'runs_root', 'git_revision', 'threads_seen',
-           'cpuinfo_field', 'cpu_signature', 'device_name', 'log_columns', 'cut_log', 'atomic_torch_save', 'plain_rng',
-           'rng_state', 'set_rng_state', 'CheckpointError', 'load_checkpoint_file', 'upgrade_checkpoint', 'plot_log']
+__all__ = ['MODEL_KEYS', 'LOG_COLUMNS', 'PROBE_COLUMNS', 'TRAINER_KEYS', 'build_model', 'build_optimisers', 'raise_ebm_lr',
+           'resolve_device', 'quick_checks', 'Trainer', 'default_run_dir', 'train', 'runs_root', 'git_revision',
+           'threads_seen', 'cpuinfo_field', 'cpu_signature', 'device_name', 'log_columns', 'cut_log',
+           'atomic_torch_save', 'plain_rng', 'rng_state', 'set_rng_state', 'CheckpointError', 'CorruptCheckpoint',
+           'load_checkpoint_file', 'checked_checkpoint', 'run_checkpoint', 'same_config', 'upgrade_checkpoint',
+           'plot_log']
 
 # %% ../nbs/05_train.ipynb #ac543e23
 MODEL_KEYS = tuple(p for p in inspect.signature(MMEBM).parameters)
@@ -50,6 +53,9 @@ def raise_ebm_lr(opt_E, cfg: Config, iteration: int) -> bool:
 def resolve_device(name: str = "auto") -> torch.device:
     "cuda when there is one (for `auto`); under a process group on CUDA, this rank's GPU."
     d = torch.device("cuda" if name == "auto" and torch.cuda.is_available() else ("cpu" if name == "auto" else name))
+    if d.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} asked for, but this machine has no CUDA device (torch {torch.__version__}); "
+                         "use --device cpu or auto")
     r = scale.ranks()
     return torch.device("cuda", r.local) if d.type == "cuda" and d.index is None and r.group else d
 
@@ -100,8 +106,15 @@ class Trainer:
         self.step = RevisionStep(self.model, self.opt["E"], self.opt["G"], self.opt["I"], cfg.lambda_S, cfg.lambda_I,
                                  cfg.temper, cfg.resample_after_g, cfg.guard_threshold, cfg.amp,
                                  losses=scale.ddp_losses(self.model, self.device) if ddp else None,
-                                 reduce=scale.mean_over_ranks if ddp else None, diagnostics=cfg.diagnostics)
+                                 reduce=scale.mean_over_ranks if ddp else None, diagnostics=cfg.diagnostics,
+                                 prior_kl=cfg.prior_kl)
         self.iteration, self.wall_before = 0, 0.0
+        self.lock, self.resumed = RunLock(self.run_dir), False      # one writer per run directory (05d_rundir)
+
+    @property
+    def config_hash(self) -> str:
+        "What this run computes per iteration, as eight hex digits (`config.config_hash`)."
+        return config_hash(self.cfg)
 
     @property
     def total(self) -> int:
@@ -122,10 +135,13 @@ class Trainer:
     def save_checkpoint(self):
         "Every rank calls it (the random states are gathered); rank 0 writes."
         state = self.state_dict()
-        if self.ranks.main: atomic_torch_save(state, self.run_dir / "checkpoint.pt")
+        if self.ranks.main: atomic_torch_save(state, self.run_dir / "checkpoint.pt", keep_previous=True)
 
     def load_checkpoint(self, path=None):
-        ck = load_checkpoint_file(path or self.run_dir / "checkpoint.pt", self.device)
+        "Load `path`, or the run's newest checkpoint (its previous one, with a warning, when the newest is unusable)."
+        ck = (checked_checkpoint(load_checkpoint_file(path, self.device), path, TRAINER_KEYS) if path
+              else run_checkpoint(self.run_dir, self.device, TRAINER_KEYS))
+        self.saved_config = ck["config"]
         if ck.get("world_size", 1) != self.ranks.world:
             raise ValueError(f"this checkpoint was written by {ck.get('world_size', 1)} rank(s); resume it with as many, not {self.ranks.world}")
         self.model.load_state_dict(ck["model"])
@@ -146,10 +162,27 @@ class Trainer:
         if not (run_dir / "checkpoint.pt").exists(): raise FileNotFoundError(f"{run_dir}: no checkpoint.pt to resume from")
         if set(budget) - set(BUDGET_KEYS):
             raise ValueError(f"a resumed run may change only its budget {BUDGET_KEYS}, not {sorted(set(budget) - set(BUDGET_KEYS))}")
-        t = cls(load_config(run_dir / "config.yaml").replace(**budget), run_dir, probe=probe).load_checkpoint()
-        if t.ranks.main:
-            remove_stale_temporaries(run_dir)      # what a process killed while writing left behind
-            cut_log(run_dir / "log.csv", t.iteration, log_columns(t.cfg))
+        t = cls(load_config(run_dir / "config.yaml").replace(**budget), run_dir, probe=probe)
+        if t.ranks.main: t.lock.acquire()           # held until `fit` ends: nobody writes between the cut and training
+        try:
+            t.load_checkpoint()
+            same_config(t.saved_config, t.cfg, run_dir)
+            if t.ranks.main:
+                remove_stale_temporaries(run_dir)      # what a process killed while writing left behind
+                cut_log(run_dir / "log.csv", t.iteration, log_columns(t.cfg))
+        except BaseException:
+            t.lock.release(); raise
+        t.resumed = True
+        return t
+
+    @classmethod
+    def load(cls, run_dir, probe=None) -> "Trainer":
+        """The trainer of an existing run at its last checkpoint, read-only: nothing in the run directory is written
+        or cut (what scoring and sampling use; a run being trained meanwhile is left alone)."""
+        run_dir = Path(run_dir)
+        if not (run_dir / "config.yaml").exists(): raise FileNotFoundError(f"{run_dir}: no config.yaml, so not a run directory")
+        t = cls(load_config(run_dir / "config.yaml"), run_dir, probe=probe).load_checkpoint()
+        same_config(t.saved_config, t.cfg, run_dir)
         return t
 
     def run_probe(self) -> dict:
@@ -166,7 +199,7 @@ class Trainer:
              "config_hash": config_hash(self.cfg), "threads": threads_seen(self.run_dir)} | extra
         if self.device.type == "cpu": s["cpu"] = cpu_signature()
         if self.ranks.group: s["ranks"] = self.ranks.world
-        if self.ranks.main: atomic_write(self.run_dir / "status.json", json.dumps(s, indent=2) + "\n")
+        if self.ranks.main: atomic_write(self.run_dir / "status.json", dumps(s))     # no NaN: JSON readers refuse it
         return s
 
     def ranks_in_sync(self) -> bool:
@@ -176,7 +209,15 @@ class Trainer:
 
     def fit(self, progress: bool = True) -> dict:
         """Train until the iteration budget, the time budget, or divergence; return (and write) the status.
-        Under a process group every rank calls it; rank 0 alone writes the log, the status and the checkpoints."""
+        Under a process group every rank calls it; rank 0 alone writes the log, the status and the checkpoints, holding
+        the run directory's lock (`RunLock`) from start to end (and from `resume` on, when resumed)."""
+        if not self.ranks.main: return self._fit(progress)
+        try:
+            with self.lock: return self._fit(progress)
+        finally:
+            if self.resumed: self.resumed = False; self.lock.release()     # the hold `resume` took
+
+    def _fit(self, progress: bool) -> dict:
         main = self.ranks.main
         self.run_dir.mkdir(parents=True, exist_ok=True)
         if main: save_config(self.cfg, self.run_dir / "config.yaml")
@@ -238,15 +279,17 @@ def train(cfg: Config, run_dir=None, resume: bool = True, progress: bool = True,
     "Train a config in its run directory, continuing from its checkpoint when there is one (and `resume`); `probe`: see `Trainer`."
     cfg = resolve_config(cfg)
     run_dir = Path(run_dir or default_run_dir(cfg))
-    if resume and (run_dir / "checkpoint.pt").exists():
-        saved = load_config(run_dir / "config.yaml")
-        if config_hash(saved) != config_hash(cfg):
-            raise ValueError(f"{run_dir} holds another config (hash {config_hash(saved)}, not {config_hash(cfg)})")
-        t = Trainer.resume(run_dir, probe=probe, **{k: getattr(cfg, k) for k in BUDGET_KEYS})
-    else:
-        if run_dir.is_dir(): remove_stale_temporaries(run_dir)   # a start killed before its first checkpoint left them
-        t = Trainer(cfg, run_dir, probe=probe)
-    return t, t.fit(progress)
+    with RunLock(run_dir):          # one writer from the first look at the folder to the end of training
+        saved = load_config(run_dir / "config.yaml") if (run_dir / "config.yaml").exists() else None
+        if saved is not None and config_hash(saved) != config_hash(cfg):
+            raise ValueError(f"{run_dir} holds another config (hash {config_hash(saved)}, not {config_hash(cfg)}): "
+                             "choose another run directory, or remove that one")
+        if resume and (run_dir / "checkpoint.pt").exists():
+            t = Trainer.resume(run_dir, probe=probe, **{k: getattr(cfg, k) for k in BUDGET_KEYS})
+        else:
+            if run_dir.is_dir(): remove_stale_temporaries(run_dir)   # a start killed before its first checkpoint left them
+            t = Trainer(cfg, run_dir, probe=probe)
+        return t, t.fit(progress)
 
 # %% ../nbs/05_train.ipynb #30175fa0
 def runs_root() -> Path:
@@ -315,8 +358,10 @@ def cut_log(path: Path, iteration: int, columns) -> list:
     atomic_write(path, buf.getvalue())
     return rows
 
-def atomic_torch_save(obj, path: Path):
-    "torch.save into a temporary sibling, fsync, rename: a kill at any moment leaves the old checkpoint or the new."
+def atomic_torch_save(obj, path: Path, keep_previous: bool = False):
+    """torch.save into a temporary sibling, fsync, rename: a kill at any moment leaves the old checkpoint or the new.
+    `keep_previous`: the file it replaces stays as `<name>.prev.pt` (`rundir.save_with_previous`: a trainer's checkpoints)."""
+    if keep_previous: return save_with_previous(lambda f: torch.save(obj, f), path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     with open(tmp, "wb") as f:
         torch.save(obj, f); f.flush(); os.fsync(f.fileno())
@@ -350,6 +395,9 @@ def set_rng_state(rng: dict):
 class CheckpointError(ValueError):
     "A checkpoint that cannot be loaded safely (or at all): one line saying which and why."
 
+class CorruptCheckpoint(CheckpointError):
+    "A checkpoint cut short or not of this trainer: a run falls back to its previous one (`run_checkpoint`)."
+
 def load_checkpoint_file(path, device="cpu") -> dict:
     "A checkpoint loaded with `weights_only=True` (tensors and plain data: loading runs no code), or a one-line error."
     path = Path(path)
@@ -357,15 +405,43 @@ def load_checkpoint_file(path, device="cpu") -> dict:
     try: return torch.load(path, map_location=device, weights_only=True)
     except pickle.UnpicklingError:
         raise CheckpointError(f"{path}: holds objects other than tensors and plain data, so it is not loaded (an older "
-                              f"mmebm wrote it? if you trust its source: mmebm upgrade-checkpoint {path.parent})") from None
+                              f"mmebm wrote it? if you trust its source: mmebm upgrade-checkpoint --trust {path.parent})") from None
     except (RuntimeError, EOFError, OSError) as e:
-        raise CheckpointError(f"{path}: unreadable ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+        raise CorruptCheckpoint(f"{path}: unreadable ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
 
-def upgrade_checkpoint(path) -> Path:
+# what a trainer's checkpoint must hold for `load_checkpoint` (the baselines' trainer has its own list)
+TRAINER_KEYS = ("model", "opt", "sched", "iteration", "wall_seconds", "rng", "config")
+
+def checked_checkpoint(ck, path, keys) -> dict:
+    "`ck` if it is a dict holding every key in `keys`; else a one-line `CheckpointError` naming what is missing."
+    missing = [k for k in keys if not isinstance(ck, dict) or k not in ck]
+    if missing: raise CorruptCheckpoint(f"{path}: not a checkpoint of this trainer (missing {', '.join(missing)})")
+    return ck
+
+def run_checkpoint(run_dir, device="cpu", keys=TRAINER_KEYS) -> dict:
+    """A run's newest checkpoint; when it is unreadable or malformed, the previous one (kept by `atomic_torch_save`),
+    with a one-line warning: a corrupt newest checkpoint costs one checkpoint interval, not the run."""
+    load = lambda p: checked_checkpoint(load_checkpoint_file(p, device), p, keys)
+    return first_loadable(Path(run_dir) / "checkpoint.pt", load, (CorruptCheckpoint,))[0]
+
+def same_config(saved: dict, cfg, run_dir, hash_of=config_hash):
+    """A `ValueError` when the checkpoint was trained under another config than the run's config.yaml says (`hash_of`:
+    the config's hash rule; the baselines pass theirs)."""
+    ck = resolve_config(type(cfg)().replace(**saved))
+    if hash_of(ck) != hash_of(cfg):
+        raise ValueError(f"{run_dir}: its checkpoint was trained under config {hash_of(ck)}, but config.yaml says "
+                         f"{hash_of(cfg)}; resuming would continue the wrong run (restore config.yaml, or start anew)")
+
+def upgrade_checkpoint(path, trust: bool = False) -> Path:
     """Rewrite a checkpoint written before random states were stored plainly, so that it loads with
-    `weights_only=True`. This one load runs the file's pickle: use it only on files you trust."""
+    `weights_only=True`. This one load runs the file's pickle, so it is refused unless `trust` says the file's source
+    is trusted (`mmebm upgrade-checkpoint --trust`)."""
     path = Path(path)
     if path.is_dir(): path = path / "checkpoint.pt"
+    if not path.exists(): raise FileNotFoundError(f"{path}: no such checkpoint")
+    if not trust:
+        raise CheckpointError(f"{path}: upgrading runs the file's pickle, which can run any code; if you trust where "
+                              "it came from, say so with --trust (trust=True)")
     ck = torch.load(path, map_location="cpu", weights_only=False)
     ck["rng"] = plain_rng(ck["rng"])
     if "rng_ranks" in ck: ck["rng_ranks"] = [plain_rng(r) for r in ck["rng_ranks"]]

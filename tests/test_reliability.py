@@ -271,6 +271,8 @@ def test_an_older_checkpoint_is_upgraded_and_resumes_exactly(tmp_path):
     torch.save(ck, half.run_dir / "checkpoint.pt")
     with pytest.raises(train.CheckpointError): train.Trainer.resume(half.run_dir)
     r = mmebm(["upgrade-checkpoint", str(half.run_dir)], os.environ)
+    assert r.returncode == 2 and "--trust" in r.stderr           # refused unless its source is trusted
+    r = mmebm(["upgrade-checkpoint", "--trust", str(half.run_dir)], os.environ)
     assert r.returncode == 0 and "weights_only=True" in r.stdout, r.stderr
     resumed, _ = train.train(cfg, tmp_path / "old", progress=False)
     for a, b in zip(straight.model.parameters(), resumed.model.parameters()): assert torch.equal(a, b)
@@ -307,3 +309,126 @@ def test_a_changed_inception_network_is_refused_before_it_is_loaded(tmp_path, mo
     weights = tmp_path / "pt_inception-2015-12-05-6726825d.pth"; weights.write_bytes(b"not the weights")
     with pytest.raises(metrics.MetricUnavailable, match="pt_inception-2015-12-05"):
         metrics.inception_extractor(str(weights), route="standard")
+
+
+# ---------------------------------------------------------------- issue 36: one writer, scoring reads only, data checked
+# Each of these failed on the code before `mmebm.rundir` (two writers both "completed"; eval cut the log; a flipped
+# byte trained; --device cuda was a traceback; a truncated newest checkpoint lost the run).
+def _tiny(**kw):
+    return config.profile("tiny", **kw)
+
+
+def test_a_second_writer_is_refused_with_the_holders_pid_and_writes_nothing(tmp_path, env):
+    d = tmp_path / "runs" / "r"
+    holder = subprocess.Popen([sys.executable, "-c", "from mmebm.rundir import RunLock; import time; "
+                               f"RunLock({str(d)!r}).acquire(); print('holding', flush=True); time.sleep(120)"],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "holding"
+        r = mmebm(["train", "--quiet", "--profile", "tiny", "--iterations", "2", "--run-dir", str(d)], env)
+        assert r.returncode == 2 and r.stderr.count("\n") == 1 and f"pid {holder.pid}" in r.stderr, r.stderr[-2000:]
+        assert sorted(p.name for p in d.iterdir()) == [".lock"]          # neither config, log nor checkpoint
+    finally:
+        holder.kill(); holder.wait()
+    r = mmebm(["train", "--quiet", "--profile", "tiny", "--iterations", "2", "--run-dir", str(d)], env)
+    assert r.returncode == 0, r.stderr[-2000:]                          # a killed holder's lock is taken over
+
+
+def test_a_folder_of_another_config_is_refused_even_without_a_checkpoint(tmp_path):
+    t, _ = train.train(_tiny(iterations=2), tmp_path / "r", progress=False)
+    (t.run_dir / "checkpoint.pt").unlink(); (t.run_dir / "checkpoint.prev.pt").unlink(missing_ok=True)
+    log = (t.run_dir / "log.csv").read_bytes()
+    with pytest.raises(ValueError, match="holds another config"):
+        train.train(_tiny(iterations=2, K_x=4), t.run_dir, progress=False)
+    assert (t.run_dir / "log.csv").read_bytes() == log
+
+
+def test_resume_refuses_a_checkpoint_of_another_config_than_config_yaml(tmp_path):
+    t, _ = train.train(_tiny(iterations=2), tmp_path / "r", progress=False)
+    config.save_config(_tiny(iterations=2, K_x=4), t.run_dir / "config.yaml")     # config.yaml of another run
+    with pytest.raises(ValueError, match="checkpoint was trained under config"):
+        train.Trainer.resume(t.run_dir)
+
+
+def test_scoring_reads_the_run_only_and_says_when_it_is_unfinished(tmp_path, env):
+    t, _ = train.train(_tiny(iterations=3, checkpoint_every=3), tmp_path / "runs" / "r", progress=False)
+    with (t.run_dir / "log.csv").open("a") as f:           # rows training wrote after its last checkpoint
+        f.write("".join(f"{i}" + ",0" * 5 + "\r\n" for i in (4, 5)))
+    cfg = yaml.safe_load((t.run_dir / "config.yaml").read_text()); cfg["iterations"] = 6     # the run's plan: 6
+    (t.run_dir / "config.yaml").write_text(yaml.safe_dump(cfg))
+    before = {p.name: p.read_bytes() for p in t.run_dir.iterdir() if p.is_file()}
+    out = tmp_path / "scores"
+    r = mmebm(["eval", str(t.run_dir), "--quiet", "--n", "20", "--n-fid", "20", "--n-inception", "0", "--out", str(out)], env)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert {p.name: p.read_bytes() for p in t.run_dir.iterdir() if p.is_file()} == before     # nothing written or cut
+    assert "unfinished: scored at iteration 3 of 6 planned" in r.stdout
+    prov = json.loads((out / "metrics.json").read_text())["provenance"]
+    assert prov["iteration"] == 3 and prov["planned_iterations"] == 6 and prov["finished"] is False
+    assert prov["config_hash"] == config.config_hash(config.load_config(t.run_dir / "config.yaml"))
+
+
+def test_changed_data_are_refused_before_training_and_an_incomplete_cache_is_kept(tmp_path, env):
+    import shutil
+    src = train.data_path_of(_tiny())
+    cache = tmp_path / "data"; shutil.copytree(src, cache / src.name)
+    env = env | {"MMEBM_DATA_DIR": str(cache)}
+    m2 = cache / src.name / "train" / "m2.npy"
+    raw = bytearray(m2.read_bytes()); raw[-1] ^= 1; m2.write_bytes(bytes(raw))                # one flipped bit
+    args = ["train", "--quiet", "--profile", "tiny", "--iterations", "1"]
+    r = mmebm(args, env)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "m2.npy" in r.stderr, r.stderr[-2000:]
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").rglob("log.csv"))
+    m2.unlink()                                                                              # now a missing array
+    r = mmebm(args, env)
+    assert r.returncode == 2 and "m2.npy" in r.stderr and (cache / src.name / "manifest.json").exists(), r.stderr[-2000:]
+    r = mmebm(["data", "build", "--limit", "256"], env)            # the builder does not delete it silently either
+    assert r.returncode == 2 and "--force" in r.stderr and (cache / src.name / "manifest.json").exists(), r.stderr[-2000:]
+
+
+def test_more_input_errors_are_one_line_and_exit_status_2(tmp_path, env):
+    t, _ = train.train(_tiny(iterations=1), tmp_path / "runs" / "r", progress=False)
+    ck = torch.load(t.run_dir / "checkpoint.pt", weights_only=True); del ck["opt"]
+    torch.save(ck, t.run_dir / "checkpoint.pt")
+    cases = [(["train", "--quiet", "--profile", "tiny", "--device", "cuda"], "no CUDA device"),
+             (["train", "--quiet", "--profile", "tiny", "--set", "lr_E=inf"], "lr_E: inf is not a finite number"),
+             (["train", "--quiet", "--profile", "tiny", "--set", "lr_E"], "--set expects KEY=VALUE"),
+             (["train", "--quiet", "--profile", "tiny", "--config", str(t.run_dir / "config.yaml")], "exactly one of"),
+             (["train", "--quiet", "--resume", str(t.run_dir)], "missing opt"),
+             (["train", "--quiet", "--profile", "tiny", "--run-dir", "/dev/null/run"], "/dev/null/run")]
+    if torch.cuda.is_available(): cases = cases[1:]
+    for argv, says in cases:
+        r = mmebm(argv, env)
+        assert r.returncode == 2 and r.stderr.count("\n") == 1 and says in r.stderr, (argv, r.returncode, r.stderr[-2000:])
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["r"]
+
+
+def test_status_json_never_holds_nan(tmp_path):
+    t, _ = train.train(_tiny(iterations=1), tmp_path / "r", progress=False)
+    t._status("diverged", loss=float("nan"), ratio=[float("inf")])
+    def refuse(c): raise ValueError(f"{c} in status.json")
+    s = json.loads((t.run_dir / "status.json").read_text(), parse_constant=refuse)
+    assert s["loss"] is None and s["ratio"] == [None]
+
+
+def test_a_truncated_newest_checkpoint_falls_back_to_the_previous_and_resumes_exactly(tmp_path, env):
+    cfg = ["--profile", "tiny", "--set", "checkpoint_every=2", "--quiet"]
+    straight = tmp_path / "runs" / "straight"
+    assert mmebm(["train", *cfg, "--iterations", "6", "--run-dir", str(straight)], env).returncode == 0
+    d = tmp_path / "runs" / "cut"
+    assert mmebm(["train", *cfg, "--iterations", "4", "--run-dir", str(d)], env).returncode == 0
+    assert torch.load(d / "checkpoint.prev.pt", weights_only=True)["iteration"] == 2      # the last two kept
+    raw = (d / "checkpoint.pt").read_bytes(); (d / "checkpoint.pt").write_bytes(raw[: len(raw) // 2])
+    r = mmebm(["train", "--resume", str(d), "--iterations", "6", "--quiet"], env)
+    assert r.returncode == 0 and "continuing from the previous checkpoint, checkpoint.prev.pt" in r.stderr, r.stderr[-2000:]
+    a = torch.load(straight / "checkpoint.pt", weights_only=True)["model"]
+    b = torch.load(d / "checkpoint.pt", weights_only=True)["model"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_upgrade_checkpoint_refuses_an_untrusted_file_before_unpickling_it(tmp_path, env):
+    t, _ = train.train(_tiny(iterations=1), tmp_path / "r", progress=False)
+    marker = tmp_path / "ran"
+    ck = torch.load(t.run_dir / "checkpoint.pt", weights_only=True); ck["payload"] = _Boom(marker)
+    torch.save(ck, t.run_dir / "checkpoint.pt")
+    r = mmebm(["upgrade-checkpoint", str(t.run_dir)], env)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "--trust" in r.stderr and not marker.exists(), r.stderr

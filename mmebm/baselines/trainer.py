@@ -15,7 +15,8 @@ from tqdm.auto import tqdm
 from ..data import read_manifest, atomic_write, remove_stale_temporaries
 from ..datasets import resolve_config, data_path_of, dataset_of
 from ..train import (device_name, git_revision, resolve_device, runs_root, atomic_torch_save, rng_state, set_rng_state,
-                         load_checkpoint_file, cut_log, threads_seen)
+                         cut_log, threads_seen, run_checkpoint, checked_checkpoint, load_checkpoint_file, same_config)
+from ..rundir import RunLock, dumps
 from ..protocols import protocol_of_run
 from .config import (BASELINES, BASELINE_BUDGET_KEYS, BaselineConfig, baseline_config_hash,
                                     save_baseline_config, load_baseline_config)
@@ -54,6 +55,10 @@ class BaselineTrainer:
         self.model = build_baseline(cfg).to(self.device)
         self.opt = torch.optim.Adam(self.model.parameters(), lr=cfg.lr)
         self.iteration, self.wall_before = 0, 0.0
+        self.lock, self.resumed = RunLock(self.run_dir), False      # one writer per run directory (05d_rundir)
+
+    @property
+    def config_hash(self) -> str: return baseline_config_hash(self.cfg)
 
     @property
     def total(self) -> int:
@@ -64,10 +69,15 @@ class BaselineTrainer:
         if torch.cuda.is_available(): rng["cuda"] = torch.cuda.get_rng_state_all()
         atomic_torch_save({"model": self.model.state_dict(), "opt": self.opt.state_dict(), "iteration": self.iteration,
                             "wall_seconds": self.wall_before, "rng": rng, "config": asdict(self.cfg)},
-                           self.run_dir / "checkpoint.pt")
+                           self.run_dir / "checkpoint.pt", keep_previous=True)
+
+    KEYS = ("model", "opt", "iteration", "wall_seconds", "rng", "config")
 
     def load_checkpoint(self, path=None):
-        ck = load_checkpoint_file(path or self.run_dir / "checkpoint.pt", self.device)
+        "Load `path`, or the run's newest checkpoint (its previous one, with a warning, when the newest is unusable)."
+        ck = (checked_checkpoint(load_checkpoint_file(path, self.device), path, self.KEYS) if path
+              else run_checkpoint(self.run_dir, self.device, self.KEYS))
+        self.saved_config = ck["config"]
         self.model.load_state_dict(ck["model"]); self.opt.load_state_dict(ck["opt"])
         self.iteration, self.wall_before = ck["iteration"], ck["wall_seconds"]
         rng = ck["rng"]
@@ -81,9 +91,24 @@ class BaselineTrainer:
         run_dir = Path(run_dir)
         if not (run_dir / "checkpoint.pt").exists(): raise FileNotFoundError(f"{run_dir}: no checkpoint.pt to resume from")
         if set(budget) - set(BASELINE_BUDGET_KEYS): raise ValueError(f"a resumed run may change only {BASELINE_BUDGET_KEYS}")
-        t = cls(load_baseline_config(run_dir / "config.yaml").replace(**budget), run_dir).load_checkpoint()
-        remove_stale_temporaries(run_dir)       # what a process killed while writing left behind
-        cut_log(run_dir / "log.csv", t.iteration, BASELINE_LOG_COLUMNS)
+        t = cls(load_baseline_config(run_dir / "config.yaml").replace(**budget), run_dir)
+        t.lock.acquire()                        # held until `fit` ends, as ours (05_train)
+        try:
+            t.load_checkpoint()
+            same_config(t.saved_config, t.cfg, run_dir, baseline_config_hash)
+            remove_stale_temporaries(run_dir)       # what a process killed while writing left behind
+            cut_log(run_dir / "log.csv", t.iteration, BASELINE_LOG_COLUMNS)
+        except BaseException:
+            t.lock.release(); raise
+        t.resumed = True
+        return t
+
+    @classmethod
+    def load(cls, run_dir) -> "BaselineTrainer":
+        "The trainer of an existing run at its last checkpoint, read-only (scoring): nothing in the run is written."
+        run_dir = Path(run_dir)
+        t = cls(load_baseline_config(run_dir / "config.yaml"), run_dir).load_checkpoint()
+        same_config(t.saved_config, t.cfg, run_dir, baseline_config_hash)
         return t
 
     def _status(self, state: str, **extra) -> dict:
@@ -92,11 +117,17 @@ class BaselineTrainer:
              "wall_seconds": round(self.wall_before, 1), "device": device_name(self.device), "torch": torch.__version__,
              "revision": git_revision(), "data": {"name": man["name"], "source": man["source"], "data_sha256": man["data_sha256"]},
              "config_hash": baseline_config_hash(self.cfg), "model": self.cfg.model, "threads": threads_seen(self.run_dir)} | extra
-        atomic_write(self.run_dir / "status.json", json.dumps(s, indent=2) + "\n")
+        atomic_write(self.run_dir / "status.json", dumps(s))     # non-finite numbers as null (05d_rundir)
         return s
 
     def fit(self, progress: bool = True) -> dict:
-        "Train to the iteration or time budget; a non-finite loss stops the run (state 'diverged')."
+        "Train to the iteration or time budget; a non-finite loss stops the run (state 'diverged'). Holds the run's lock."
+        try:
+            with self.lock: return self._fit(progress)
+        finally:
+            if self.resumed: self.resumed = False; self.lock.release()     # the hold `resume` took
+
+    def _fit(self, progress: bool) -> dict:
         cfg = self.cfg
         self.run_dir.mkdir(parents=True, exist_ok=True)
         save_baseline_config(cfg, self.run_dir / "config.yaml")
@@ -145,18 +176,20 @@ def train_baseline(cfg: BaselineConfig, run_dir=None, resume: bool = True, progr
     "Train a baseline config in its run directory, continuing from its checkpoint when there is one."
     run_dir = Path(run_dir or baseline_run_dir(cfg))
     cfg = resolve_config(cfg)                          # CUB: the modalities as the data has them (saved configs have them)
-    if resume and (run_dir / "checkpoint.pt").exists():
-        saved = load_baseline_config(run_dir / "config.yaml")
-        if baseline_config_hash(saved) != baseline_config_hash(cfg):
-            raise ValueError(f"{run_dir} holds another config (hash {baseline_config_hash(saved)}, not {baseline_config_hash(cfg)})")
-        t = BaselineTrainer.resume(run_dir, **{k: getattr(cfg, k) for k in BASELINE_BUDGET_KEYS})
-    else:
-        if run_dir.is_dir(): remove_stale_temporaries(run_dir)   # a start killed before its first checkpoint left them
-        t = BaselineTrainer(cfg, run_dir)
-    return t, t.fit(progress)
+    with RunLock(run_dir):          # one writer from the first look at the folder to the end of training
+        saved = load_baseline_config(run_dir / "config.yaml") if (run_dir / "config.yaml").exists() else None
+        if saved is not None and baseline_config_hash(saved) != baseline_config_hash(cfg):
+            raise ValueError(f"{run_dir} holds another config (hash {baseline_config_hash(saved)}, not "
+                             f"{baseline_config_hash(cfg)}): choose another run directory, or remove that one")
+        if resume and (run_dir / "checkpoint.pt").exists():
+            t = BaselineTrainer.resume(run_dir, **{k: getattr(cfg, k) for k in BASELINE_BUDGET_KEYS})
+        else:
+            if run_dir.is_dir(): remove_stale_temporaries(run_dir)   # a start killed before its first checkpoint left them
+            t = BaselineTrainer(cfg, run_dir)
+        return t, t.fit(progress)
 
 def evaluate_baseline(run_dir, **settings) -> dict:
     """Score a baseline run with its data set's protocol (`mmebm.metrics.evaluate`, or `mmebm.cub_metrics.evaluate_cub`
     for a CUB run), with the baseline's loader."""
     score = protocol_of_run(run_dir).evaluate
-    return score(run_dir, load=BaselineTrainer.resume, **settings)
+    return score(run_dir, load=BaselineTrainer.load, **settings)
