@@ -43,8 +43,7 @@ def benchmark(cfg: Config, repeats: int = 3, warmup: int = 1, refiner_steps: int
     torch.manual_seed(cfg.seed)
     model = scale.fast_path(build_model(cfg).to(device), cfg.channels_last, cfg.compile)
     opt, _ = build_optimisers(model, cfg)
-    step = RevisionStep(model, opt["E"], opt["G"], opt["I"], cfg.lambda_S, cfg.lambda_I, cfg.temper,
-                        cfg.resample_after_g, math.inf, cfg.amp, prior_kl=cfg.prior_kl)
+    step = RevisionStep.from_config(model, opt, cfg, guard_threshold=math.inf)     # timed as it trains, never stopped
     b = cfg.batch_size
     rand = lambda s: (torch.rand(b, s["channels"], s["size"], s["size"], device=device) * 2 - 1 if s["kind"] == "image"
                       else token_logits(torch.randint(s["vocab"], (b, s["length"]), device=device), s["vocab"]))

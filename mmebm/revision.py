@@ -145,6 +145,14 @@ class RevisionStep:
         self.loss = losses or bound_losses(model)
         self.reduce = reduce or (lambda t: t)
 
+    @classmethod
+    def from_config(cls, model: MMEBM, opt: dict, cfg, **kw) -> "RevisionStep":
+        """The step a `Config` asks for, every setting passed by keyword (`opt`: the three optimisers keyed E, G, I;
+        `kw` overrides or adds: `losses`, `reduce`, a benchmark's `guard_threshold`)."""
+        settings = dict(lambda_S=cfg.lambda_S, lambda_I=cfg.lambda_I, temper=cfg.temper, resample_after_g=cfg.resample_after_g,
+                        guard_threshold=cfg.guard_threshold, amp=cfg.amp, diagnostics=cfg.diagnostics, prior_kl=cfg.prior_kl)
+        return cls(model, opt["E"], opt["G"], opt["I"], **(settings | kw))
+
     def _autocast(self, device):
         return torch.autocast(device.type, dtype=torch.bfloat16) if self.amp else nullcontext()
 

@@ -103,11 +103,9 @@ class Trainer:
         if self.ranks.rank: torch.manual_seed(cfg.seed + 1_000_003 * self.ranks.rank)
         self.opt, self.sched = build_optimisers(self.model, cfg)
         ddp = self.ranks.group
-        self.step = RevisionStep(self.model, self.opt["E"], self.opt["G"], self.opt["I"], cfg.lambda_S, cfg.lambda_I,
-                                 cfg.temper, cfg.resample_after_g, cfg.guard_threshold, cfg.amp,
-                                 losses=scale.ddp_losses(self.model, self.device) if ddp else None,
-                                 reduce=scale.mean_over_ranks if ddp else None, diagnostics=cfg.diagnostics,
-                                 prior_kl=cfg.prior_kl)
+        self.step = RevisionStep.from_config(self.model, self.opt, cfg,
+                                             losses=scale.ddp_losses(self.model, self.device) if ddp else None,
+                                             reduce=scale.mean_over_ranks if ddp else None)
         self.iteration, self.wall_before = 0, 0.0
         self.lock, self.resumed = RunLock(self.run_dir), False      # one writer per run directory (05d_rundir)
 

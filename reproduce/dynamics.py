@@ -24,7 +24,7 @@ def run(tag: str, spec: dict, plan: dict):
     cfg = cfg.replace(name=f"dynamics-{tag}")
     d, dest = runs_root() / OUT.name / tag, OUT / tag
     status = finished_in(d, cfg)
-    if status: t = Trainer.resume(d)          # finished: its status (and the revision that trained it) stand
+    if status: t = Trainer.load(d)            # finished: its status (and the revision that trained it) stand; read only
     else: t, status = train(cfg, d, probe=training_probe(cfg))
     dest.mkdir(parents=True, exist_ok=True)
     for f in ("log.csv", "config.yaml", "status.json"): shutil.copy(t.run_dir / f, dest / f)

@@ -365,6 +365,10 @@ def test_scoring_reads_the_run_only_and_says_when_it_is_unfinished(tmp_path, env
     prov = json.loads((out / "metrics.json").read_text())["provenance"]
     assert prov["iteration"] == 3 and prov["planned_iterations"] == 6 and prov["finished"] is False
     assert prov["config_hash"] == config.config_hash(config.load_config(t.run_dir / "config.yaml"))
+    # issue 34: no number from classifiers below their floor, coherence or classifier-feature FID (tiny: at chance)
+    m = json.loads((out / "metrics.json").read_text())
+    low = any(a < m["classifiers"]["floor"] for a in m["classifiers"]["accuracy"].values())
+    assert low == ("unavailable" in m["coherence"]) == ("unavailable" in m["fid_classifier"]), (m["classifiers"], m["fid_classifier"])
 
 
 def test_changed_data_are_refused_before_training_and_an_incomplete_cache_is_kept(tmp_path, env):
