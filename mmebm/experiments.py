@@ -6,7 +6,7 @@ executing those notebooks with papermill."""
 
 # %% ../nbs/08_experiments.ipynb #56b455e7
 from __future__ import annotations
-import json, os, shutil, subprocess, time, traceback
+import json, os, re, shutil, subprocess, time, traceback
 import dataclasses
 from dataclasses import dataclass, field
 from functools import partial
@@ -27,13 +27,13 @@ from .baselines import BaselineConfig, baseline_profile, baseline_config_hash, B
 
 # %% auto #0
 __all__ = ['REPRODUCE_ENV', 'PLAN_KEYS', 'CUB_KEYS', 'CUB_ROOT_ENV', 'SWEEPS', 'SMALL_FILES', 'NOTEBOOKS', 'LOOK_FOR',
-           'CAPTION_LINES', 'reproduce_dir', 'load_plan', 'RunSpec', 'baseline_runs', 'baseline_eval', 'cub_data',
-           'cub_runs', 'plan_runs', 'is_baseline', 'run_dir_of', 'hash_of', 'finished_status', 'finished_in',
-           'training_probe', 'train_run', 'evaluate_run', 'sample_artefacts', 'latent_decodes', 'cub_sample_artefacts',
-           'artefacts_of', 'baseline_sample_artefacts', 'chain_artefact', 'expost_artefact', 'collect', 'kept_runs',
-           'held_status', 'RunResults', 'run_notebook', 'artefact_note', 'write_index', 'update_readme',
-           'uncommitted_diff', 'usable_cores', 'train_parallel', 'reproduce', 'run_notebooks', 'figures', 'lookup',
-           'markdown_table', 'save_table', 'to_signed']
+           'VOLATILE_ROWS', 'CAPTION_LINES', 'reproduce_dir', 'load_plan', 'RunSpec', 'baseline_runs', 'baseline_eval',
+           'cub_data', 'cub_runs', 'plan_runs', 'is_baseline', 'run_dir_of', 'hash_of', 'finished_status',
+           'finished_in', 'training_probe', 'train_run', 'evaluate_run', 'sample_artefacts', 'latent_decodes',
+           'cub_sample_artefacts', 'artefacts_of', 'baseline_sample_artefacts', 'chain_artefact', 'expost_artefact',
+           'collect', 'kept_runs', 'held_status', 'RunResults', 'stable_notebook', 'run_notebook', 'artefact_note',
+           'write_index', 'update_readme', 'uncommitted_diff', 'usable_cores', 'train_parallel', 'reproduce',
+           'run_notebooks', 'figures', 'lookup', 'markdown_table', 'save_table', 'to_signed']
 
 # %% ../nbs/08_experiments.ipynb #b6adb82a
 REPRODUCE_ENV = "MMEBM_REPRODUCE_DIR"
@@ -499,6 +499,21 @@ NOTEBOOKS = (      # (notebook in reproduce/, the roles it cannot do without)
     ("09_training_log", ("main",)),
 )
 
+def stable_notebook(path) -> Path:
+    """Strip what changes from one execution to the next (papermill's start and end times and durations, the kernel's
+    execution timestamps) and give papermill's injected-parameters cell a fixed id: the same inputs give the same bytes,
+    so `make figures` leaves `git status` clean."""
+    import nbformat
+    nb = nbformat.read(str(path), as_version=4)
+    volatile = ("start_time", "end_time", "duration")
+    for k in volatile: nb.metadata.get("papermill", {}).pop(k, None)
+    for c in nb.cells:
+        c.metadata.pop("execution", None)
+        for k in volatile: c.metadata.get("papermill", {}).pop(k, None)
+        if "injected-parameters" in c.metadata.get("tags", []): c["id"] = "injected-parameters"
+    nbformat.write(nb, str(path))
+    return Path(path)
+
 def run_notebook(name: str, results_dir, kernel: str = "python3") -> dict:
     "Execute reproduce/<name>.ipynb with papermill into results_dir/notebooks/; report state, seconds, failing cell."
     import papermill as pm
@@ -515,6 +530,7 @@ def run_notebook(name: str, results_dir, kernel: str = "python3") -> dict:
             pm.execute_notebook(rel(reproduce_dir() / f"{name}.ipynb"), rel(out), parameters={"results_dir": "."},
                                 kernel_name=kernel, progress_bar=False, cwd=rel(results_dir))
         finally: os.chdir(here)
+        stable_notebook(out)
         return {"state": "ok", "seconds": round(time.time() - t0, 1)}
     except pm.PapermillExecutionError as e:
         return {"state": "failed", "seconds": round(time.time() - t0, 1), "cell": e.exec_count, "error": f"{e.ename}: {e.evalue}"[:500]}
@@ -627,10 +643,27 @@ def artefact_note(stem: str, res: "RunResults") -> str:
     except Exception: shows = None          # a note never stops the index; the figure is still listed
     return (f": look for {look}" if look else "") + (f"; this run: {shows}" if shows else "")
 
-def write_index(plan: dict, results_dir, states: dict, nb_states: dict, stages: dict, data_path) -> Path:
-    "Write results_dir/README.md: provenance, runs, notebooks, artefacts."
+VOLATILE_ROWS = ("| revision |", "| wall time of this invocation |", "| finished |")
+
+def _previous_index(d: Path) -> tuple[dict, dict]:
+    """From results_dir/README.md as it is: its volatile rows (`VOLATILE_ROWS`) and each notebook's seconds, which a
+    redraw (`figures`) keeps, so that `make figures` rewrites the index byte for byte when nothing else changed."""
+    f = d / "README.md"
+    lines = f.read_text().splitlines() if f.exists() else []
+    rows = {p: l for l in lines for p in VOLATILE_ROWS if l.startswith(p)}
+    secs = {}
+    for l in lines:
+        m = re.match(r"\| \[?([\w]+)\]?(?:\([^)]*\))? \| ok \| ([0-9.]+) \|$", l)
+        if m: secs[m.group(1)] = m.group(2)
+    return rows, secs
+
+def write_index(plan: dict, results_dir, states: dict, nb_states: dict, stages: dict, data_path,
+                keep_volatile: bool = False) -> Path:
+    """Write results_dir/README.md: provenance, runs, notebooks, artefacts. `keep_volatile` (a redraw from the folder):
+    the revision, wall time, finish time and notebook seconds stay those of the invocation that produced the folder."""
     import mmebm
     d = Path(results_dir)
+    old_rows, old_secs = _previous_index(d) if keep_volatile else ({}, {})
     # the data set's manifest; without the data (figures redrawn from a committed folder), the main run's record of it
     man = read_manifest(data_path) if data_path else states.get("main", {}).get("data") or {"name": "?", "source": "?", "data_sha256": "?"}
     res = RunResults(d)
@@ -672,6 +705,11 @@ def write_index(plan: dict, results_dir, states: dict, nb_states: dict, stages: 
         if kind == "Figures": lines += [""] + [f"![{f.stem}]({f.relative_to(d).as_posix()})" for f in files]
     main_md = d / "tables" / "main_table.md"
     if main_md.exists(): lines += ["", "## Main table", "", main_md.read_text().strip()]
+    if keep_volatile:
+        lines = [next((old_rows[p] for p in VOLATILE_ROWS if l.startswith(p) and p in old_rows), l) for l in lines]
+        lines = [re.sub(r"^(\| \[(\w+)\]\(notebooks/\w+\.ipynb\) \| ok \| )[0-9.]+( \|)$",
+                        lambda m: m.group(1) + old_secs.get(m.group(2), "") + m.group(3) if m.group(2) in old_secs else m.group(0), l)
+                 for l in lines]
     (d / "README.md").write_text("\n".join(lines).rstrip() + "\n")
     return d / "README.md"
 
@@ -844,10 +882,10 @@ def run_notebooks(results_dir, say=print) -> dict:
         if nb_states[name]["state"] == "failed": say(f"  {name} failed at cell {nb_states[name]['cell']}: {nb_states[name]['error']}")
     return nb_states
 
-def _finish(plan, results_dir, states, nb_states, stages, data_path, say) -> dict:
-    "Write the results index and, when the plan says so, the README's results block; report."
+def _finish(plan, results_dir, states, nb_states, stages, data_path, say, redraw: bool = False) -> dict:
+    "Write the results index and, when the plan says so, the README's results block; report (`redraw`: `figures`)."
     root = reproduce_dir().parent
-    write_index(plan, results_dir, states, nb_states, stages, data_path)
+    write_index(plan, results_dir, states, nb_states, stages, data_path, keep_volatile=redraw)
     readme_updated = False
     if plan.get("update_readme") and results_dir == (root / "results" / plan["name"]).resolve() and (results_dir / "tables" / "main_table.md").exists():
         block = (f"Profile `{plan['name']}` ({states.get('main', {}).get('device', '?')}); regenerated by `make reproduce"
@@ -873,7 +911,7 @@ def figures(plan: str | dict, results_dir=None) -> dict:
     states = {role: held_status(results_dir, role, r) for role, r in RunResults(results_dir).index["runs"].items()}
     nb_states = run_notebooks(results_dir, say)
     t = time.time() - t0
-    return _finish(plan, results_dir, states, nb_states, {"notebooks": t, "total": t}, None, say)
+    return _finish(plan, results_dir, states, nb_states, {"notebooks": t, "total": t}, None, say, redraw=True)
 
 # %% ../nbs/08_experiments.ipynb #ae4db006
 def lookup(d, *keys):

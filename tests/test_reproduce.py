@@ -236,6 +236,11 @@ def test_figures_redraw_a_committed_folder_without_runs_or_data(tmp_path, monkey
     assert out["notebooks"]["01_main_table"]["state"] == "ok", out["notebooks"]
     assert (res / "tables" / "main_table.csv").read_text() == (root / "results" / "smoke" / "tables" / "main_table.csv").read_text()
     assert not (tmp_path / "no-runs").exists()          # no run was needed
+    # a second redraw writes the same bytes (issue 34: `make figures` leaves `git status` clean): no timestamps,
+    # durations or random cell ids in the executed notebook, the index's revision / times / seconds kept
+    first = {f: (res / f).read_bytes() for f in ("README.md", "notebooks/01_main_table.ipynb", "tables/main_table.md")}
+    X.figures("smoke", res)
+    assert {f: (res / f).read_bytes() for f in first} == first
 
 
 def _cells(line: str) -> list:
