@@ -106,7 +106,8 @@ def save_with_previous(write, path) -> Path:
 
 def first_loadable(path, load, errors=(Exception,)):
     """`load(path)`, or, when that raises one of `errors`, `load(previous_of(path))` with a one-line warning on stderr
-    naming both; the newest's error when there is no previous to fall back to. Returns (what load returned, path used)."""
+    naming both; the newest's error when there is no previous to fall back to.
+    Returns (what load returned, the path it came from)."""
     path = Path(path)
     try: return load(path), path
     except errors as e:

@@ -61,8 +61,9 @@ def resolve_device(name: str = "auto") -> torch.device:
 
 # %% ../nbs/05_train.ipynb #a4f96853
 @torch.no_grad()
-def quick_checks(model: MMEBM, ds: PolyMNIST, n: int = 256, seed: int = 0) -> dict:
-    "Reconstruction MSE from revised latents and mean energies of data vs generator samples, on n examples of ds."
+def quick_checks(model: MMEBM, ds, n: int = 256, seed: int = 0) -> dict:
+    """Reconstruction MSE from revised latents and mean energies of data vs generator samples, on n examples of `ds`
+    (any data set with `get_batch`: PolyMNIST's or CUB's, `datasets.dataset_of`)."""
     device = next(model.parameters()).device
     state = torch.get_rng_state()
     torch.manual_seed(seed)     # a fixed probe that leaves the training RNG untouched
@@ -80,7 +81,7 @@ def quick_checks(model: MMEBM, ds: PolyMNIST, n: int = 256, seed: int = 0) -> di
 
 # %% ../nbs/05_train.ipynb #741963ba
 class Trainer:
-    """Trains MMEBM on PolyMNIST by MCMC revision for a Config, in its run directory.
+    """Trains MMEBM by MCMC revision for a Config on its data set (PolyMNIST or CUB), in its run directory.
 
     `probe` (optional): a function of the model returning a dict of `PROBE_COLUMNS`, called every `probe_every`
     iterations and logged in that iteration's row, e.g. `metrics.coherence_probe` (the metrics sit above the
