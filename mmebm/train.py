@@ -5,7 +5,7 @@ exactly, and the divergence guard. The benchmark of an iteration's parts is `05b
 
 # %% ../nbs/05_train.ipynb #7c533cfb
 from __future__ import annotations
-import csv, hashlib, inspect, io, json, math, os, pickle, platform, random, subprocess, time
+import contextlib, csv, hashlib, inspect, io, json, math, os, pickle, platform, random, subprocess, time
 from dataclasses import asdict
 from pathlib import Path
 import numpy as np
@@ -252,7 +252,8 @@ class Trainer:
                 f.flush()       # one row per write: a process killed at any moment leaves whole rows
                 if self.iteration % self.per_epoch == 0:
                     for s in self.sched.values(): s.step()
-                bar.update(1); bar.set_postfix(E=f"{row['loss_E_times_T']:.3g}", G=f"{row['loss_G']:.4g}", I=f"{row['loss_I']:.3g}")
+                bar.update(1)        # the three losses as the log names them (L_E times the temperature T: its scale)
+                bar.set_postfix({"L_E*T": f"{row['loss_E_times_T']:.3g}", "L_G": f"{row['loss_G']:.4g}", "L_I": f"{row['loss_I']:.3g}"})
                 now = time.perf_counter()
                 if self.iteration % cfg.checkpoint_every == 0 or self.iteration == self.total:
                     self.wall_before += now - start; start = now; f.flush(); self.save_checkpoint()
@@ -278,7 +279,8 @@ def train(cfg: Config, run_dir=None, resume: bool = True, progress: bool = True,
     "Train a config in its run directory, continuing from its checkpoint when there is one (and `resume`); `probe`: see `Trainer`."
     cfg = resolve_config(cfg)
     run_dir = Path(run_dir or default_run_dir(cfg))
-    with RunLock(run_dir):          # one writer from the first look at the folder to the end of training
+    # one writer from the first look at the folder to the end of training (rank 0 writes; other ranks only train)
+    with RunLock(run_dir) if scale.ranks().main else contextlib.nullcontext():
         saved = load_config(run_dir / "config.yaml") if (run_dir / "config.yaml").exists() else None
         if saved is not None and config_hash(saved) != config_hash(cfg):
             raise ValueError(f"{run_dir} holds another config (hash {config_hash(saved)}, not {config_hash(cfg)}): "

@@ -52,6 +52,10 @@ def test_tiny_reproduce_produces_every_table_and_figure(tiny):
     root, _, out = tiny
     res = root / "results"
     for name, cols in TABLES.items():
+        if name == "revision_fid":      # tiny: classifiers below their floor and no Inception, so no FID of either kind:
+            assert not (res / "tables" / f"{name}.csv").exists()                  # not written; the committed cpu one instead
+            committed = pd.read_csv(Path(__file__).resolve().parent.parent / "results" / "cpu" / "tables" / f"{name}.csv")
+            assert list(committed.columns) == cols and len(committed) > 0; continue
         df = pd.read_csv(res / "tables" / f"{name}.csv")
         assert list(df.columns) == cols, (name, list(df.columns))
         assert len(df) > 0 and (res / "tables" / f"{name}.md").read_text().count("\n|") >= len(df)
@@ -60,11 +64,12 @@ def test_tiny_reproduce_produces_every_table_and_figure(tiny):
         assert f.exists() and f.stat().st_size > 5000, name          # a drawn figure, not an empty canvas
     main = pd.read_csv(res / "tables" / "main_table.csv")
     ours = main[main["model"].str.startswith("MMEBM")]
-    assert len(ours) == 2 and ours["FID clf uncond"].notna().all() and ours["FID clf cond"].notna().all()
+    # the tiny classifiers are below their floor: no number from them, coherence or classifier-feature FID (issue 34)
+    assert len(ours) == 2 and ours["FID clf uncond"].isna().all() and ours["FID clf cond"].isna().all()
     reference = main[main["model"].str.startswith("reference")]        # the constant-digit row (tiny: no coherence)
     assert len(reference) == 1 and reference["coh unconditional"].eq(1.0).all()
     others = main[~main["model"].str.startswith(("MMEBM", "reference"))]                  # every baseline measured:
-    assert len(others) == 7 and others["FID clf uncond"].notna().all() and others["iterations"].eq(4).all()  # (CMVAE + Diff-CMVAE: one run)
+    assert len(others) == 7 and others["FID clf uncond"].isna().all() and others["iterations"].eq(4).all()  # (CMVAE + Diff-CMVAE: one run)
     assert {"Diff-CMVAE (CMVAE + DDPM refiner)", "MMVAE+", "HELVAE"} <= set(others["model"])
     cost = pd.read_csv(res / "tables" / "cost.csv")
     assert cost["model"].str.contains("DDPM refiner").sum() == 1 and cost["ms (batch 1)"].notna().sum() == 9   # ours 2, baselines 7

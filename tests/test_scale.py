@@ -97,7 +97,7 @@ def test_torchrun_two_processes_train_resume_and_stay_in_sync(tmp_path):
     assert status["state"] == "completed" and status["ranks"] == 2 and status["ranks_in_sync"] is True
     log = (run / "log.csv").read_text().splitlines()
     assert len(log) == 1 + 4 and log[0].startswith("iteration"), "rank 0 alone writes the log, once per iteration"
-    assert sorted(p.name for p in run.iterdir()) == ["checkpoint.pt", "config.yaml", "log.csv", "status.json"]
+    assert sorted(p.name for p in run.iterdir()) == ["checkpoint.prev.pt", "checkpoint.pt", "config.yaml", "log.csv", "status.json"]
     ck = torch.load(run / "checkpoint.pt", weights_only=False)
     assert ck["world_size"] == 2 and len(ck["rng_ranks"]) == 2
     assert not torch.equal(ck["rng_ranks"][0]["torch"], ck["rng_ranks"][1]["torch"]), "ranks draw their own chain noise"
