@@ -478,6 +478,8 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                'mmebm.metrics.has_gaussian_prior': ('metrics.html#has_gaussian_prior', 'mmebm/metrics.py'),
                                'mmebm.metrics.inception_extractor': ('metrics.html#inception_extractor', 'mmebm/metrics.py'),
                                'mmebm.metrics.inception_scores': ('metrics.html#inception_scores', 'mmebm/metrics.py'),
+                               'mmebm.metrics.independent_labels_reference': ( 'metrics.html#independent_labels_reference',
+                                                                               'mmebm/metrics.py'),
                                'mmebm.metrics.kinds_of': ('metrics.html#kinds_of', 'mmebm/metrics.py'),
                                'mmebm.metrics.latent_fit': ('metrics.html#latent_fit', 'mmebm/metrics.py'),
                                'mmebm.metrics.load_classifiers': ('metrics.html#load_classifiers', 'mmebm/metrics.py'),

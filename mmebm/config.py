@@ -68,7 +68,7 @@ def one_of(*choices): return (lambda v: v in choices, "one of " + ", ".join(choi
 CONFIG_RULES = {
     **{k: (_positive, "> 0") for k in ("n_modalities", "image_size", "channels", "latent_dim", "enc_width", "enc_hidden",
                                        "dec_width", "ebm_width", "ebm_feat", "ebm_hidden", "sigma", "s_x", "n_x", "s_z",
-                                       "batch_size", "lr_E", "lr_G", "lr_I", "checkpoint_every", "guard_threshold",
+                                       "batch_size", "lr_E", "lr_G", "lr_I", "lr_gain", "checkpoint_every", "guard_threshold",
                                        "data_limit", "epochs", "max_minutes")},
     **{k: (_non_negative, ">= 0") for k in ("K_x", "K_z", "n_z", "lambda_S", "lambda_I", "wd_E", "wd_G", "wd_I",
                                             "iterations", "probe_every", "data_seed", "seed", "lr_E_late_at", "prior_kl")},
@@ -103,6 +103,8 @@ class Config:
     ebm_hidden: int = 256
     sn_head: bool = False                  # spectral norm on the EBM head too (docs/method.md: SN trunk, plain MLP head)
     sn_trunk: bool = True                  # spectral norm on the EBM's trunks (False: an ablation of the EBM's gain, issue 37)
+    ebm_gain: bool = False                 # a learnable output scale exp(log_gain) on the EBM's score (issue 37; nbs/03_model)
+    lr_gain: float = 1e-2                  # its Adam rate (log space, no weight decay); used only with ebm_gain
     likelihood: str = "gaussian"           # or "laplace"
     sigma: float = 0.3
     # ablation switches
@@ -174,7 +176,7 @@ BUDGET_KEYS = ("iterations", "epochs", "max_minutes", "checkpoint_every", "name"
 # Fields added after runs already existed: left out of the hash while at their defaults, so that those runs (and
 # the results that cite their hashes) keep their identity; set to anything else, they are part of it.
 LATER_FIELDS = {"channels_last": False, "compile": None, "dataset": "polymnist", "modalities": None, "betas_E": None,
-                "lr_E_late": None, "lr_E_late_at": 0, "sn_trunk": True,
+                "lr_E_late": None, "lr_E_late_at": 0, "sn_trunk": True, "ebm_gain": False, "lr_gain": 1e-2,
                 "prior_kl": 0.0}
 
 def config_hash(cfg: Config) -> str:

@@ -936,15 +936,16 @@ def markdown_table(df, digits: dict | None = None, missing: str = "–") -> str:
 
 CAPTION_LINES = 3      # a caption says what the table is and where it comes from; the rest goes into `notes`
 
-def save_table(df, results_dir, name: str, digits: dict | None = None, caption: str = "", notes: str = "") -> Path:
+def save_table(df, results_dir, name: str, digits: dict | None = None, caption: str = "", notes: str = "", full=None) -> Path:
     """Write results_dir/tables/<name>.csv and .md (markdown with a caption of at most three lines under the table);
     `notes` (how to read it: definitions, settings, caveats) go to <name>.notes.txt, which the results README prints
-    under the table's entry. Returns the .md path."""
+    under the table's entry. `full`: a larger frame for the CSV (every row and column) when the markdown shows a
+    folded one. Returns the .md path."""
     caption = caption.strip()
     if caption.count("\n") >= CAPTION_LINES:
         raise ValueError(f"the caption of {name} has {caption.count(chr(10)) + 1} lines (at most {CAPTION_LINES}): move the rest into notes")
     d = Path(results_dir) / "tables"; d.mkdir(parents=True, exist_ok=True)
-    df.to_csv(d / f"{name}.csv", index=False)
+    (df if full is None else full).to_csv(d / f"{name}.csv", index=False)
     (d / f"{name}.md").write_text(markdown_table(df, digits) + ("\n\n" + caption if caption else "") + "\n")
     if notes.strip(): (d / f"{name}.notes.txt").write_text(notes.strip() + "\n")
     else: (d / f"{name}.notes.txt").unlink(missing_ok=True)

@@ -23,13 +23,14 @@ __all__ = ['ACCURACY_FLOOR', 'CLASSIFIER_VERSION', 'PUBLISHED_CLASSIFIER_FILE', 
            'train_classifiers', 'save_classifiers', 'load_classifiers', 'get_classifiers', 'check_floor',
            'PublishedPolyMNISTClassifier', 'load_published_classifiers', 'save_published_format', 'proper_subsets',
            'model_device', 'conditional_coherence', 'summarise_conditional', 'unconditional_coherence', 'all_agree',
-           'agreed_labels', 'ReferenceModel', 'coherence_probe', 'constant_label_reference', 'has_gaussian_prior',
-           'revised_latents', 'fitted_gaussian', 'latent_fit', 'expost_sampler', 'expost_coherence', 'check_sha256',
-           'fid_helper_file', 'inception_extractor', 'to_uint8', 'extract', 'frechet_distance', 'fingerprint',
-           'real_features', 'cached_features', 'sample_many', 'parameter_counts', 'generation_latency', 'revision_of',
-           'kinds_of', 'classifier_set', 'coherence_metrics', 'conditional_samples', 'per_modality', 'fid_metrics',
-           'cost_metrics', 'provenance', 'timed_into', 'inception_scores', 'write_metrics', 'load_run', 'evaluate',
-           'chain_length_effect', 'training_latents', 'ExPost', 'expost_metrics']
+           'agreed_labels', 'ReferenceModel', 'coherence_probe', 'constant_label_reference',
+           'independent_labels_reference', 'has_gaussian_prior', 'revised_latents', 'fitted_gaussian', 'latent_fit',
+           'expost_sampler', 'expost_coherence', 'check_sha256', 'fid_helper_file', 'inception_extractor', 'to_uint8',
+           'extract', 'frechet_distance', 'fingerprint', 'real_features', 'cached_features', 'sample_many',
+           'parameter_counts', 'generation_latency', 'revision_of', 'kinds_of', 'classifier_set', 'coherence_metrics',
+           'conditional_samples', 'per_modality', 'fid_metrics', 'cost_metrics', 'provenance', 'timed_into',
+           'inception_scores', 'write_metrics', 'load_run', 'evaluate', 'chain_length_effect', 'training_latents',
+           'ExPost', 'expost_metrics']
 
 # %% ../nbs/06_metrics.ipynb #28dc7c58
 class MetricUnavailable(RuntimeError):
@@ -291,6 +292,14 @@ def constant_label_reference(labels) -> float:
     label among the scored tuples. A model has learned something only when it clears this, not just chance."""
     labels = np.asarray(labels)
     return float(np.bincount(labels).max() / len(labels))
+
+def independent_labels_reference(labels, k: int) -> float:
+    """The chance that k labels drawn independently at the scored tuples' label frequencies all agree, sum_d p_d^k:
+    the coherence of a model whose outputs ignore each other (k = 2: a target that ignores its source; k = M: M
+    modalities that ignore each other). Unlike the constant label, a featureless model cannot beat it by repeating one
+    digit: the unconditional column's reference (a constant digit agrees with itself: 1 by construction)."""
+    p = np.bincount(np.asarray(labels)) / len(labels)
+    return float((p ** k).sum())
 
 # %% ../nbs/06_metrics.ipynb #4f961eea
 def has_gaussian_prior(model) -> bool:
@@ -689,7 +698,10 @@ def evaluate(run_dir, n_coherence: int = 500, n_fid: int = 1000, n_inception: in
     timed = lambda name, fn: timed_into(res, name, fn)
     timed("coherence", lambda: coherence_metrics(model, test, clf, n_coherence, kinds, subsets, out, progress))
     # what "above chance" has to beat, kept with the scores so that tables can be redrawn without the data set
-    res["reference"] = {"constant_label": constant_label_reference(test.labels[:n_coherence]), "n": n_coherence}
+    labels = test.labels[:n_coherence]
+    res["reference"] = {"constant_label": constant_label_reference(labels), "n": n_coherence,
+                        "independent": {"conditional": independent_labels_reference(labels, 2),
+                                        "unconditional": independent_labels_reference(labels, len(test.modalities))}}
     def fid_classifier():       # features of classifiers at chance are no measure either: the same floor as coherence
         try: check_floor(clf, what="classifier-feature FID")
         except MetricUnavailable as e: return {"unavailable": str(e)}

@@ -35,16 +35,22 @@ class MultimodalEBM(nn.Module):
     "f_a(x_1..x_M): per-modality spectral-normalised trunks, features concatenated, an MLP head to one scalar."
     def __init__(self, n_modalities: int = 5, size: int = 28, channels: int = 3, width: int = 32,
                  feat_dim: int = 128, hidden: int = 256, sn_head: bool = False, modalities: Sequence[dict] | None = None,
-                 sn_trunk: bool = True):
+                 sn_trunk: bool = True, ebm_gain: bool = False):
         super().__init__()
         trunk = lambda s: (EnergyTrunk(s["size"], s["channels"], width, feat_dim, sn=sn_trunk) if s["kind"] == "image"
                            else TextEnergyTrunk(s["vocab"], s["length"], width=width, feat_dim=feat_dim, sn=sn_trunk))
         self.trunks = nn.ModuleList(trunk(s) for s in modality_specs(n_modalities, size, channels, modalities))
         self.head = EnergyHead(n_modalities * feat_dim, hidden, sn_head)
+        # a learnable output scale f -> exp(log_gain) f (issue 37, off in the paper): the spectral-normalised trunks cap
+        # the score's input gradient, and Adam grows the head's weights by about the learning rate per step, so the data
+        # chain's drift (s_x^2 / 2) grad E stays small for a long time; a gain learned in log space (at its own rate,
+        # `lr_gain`) grows while the EBM still tells data from revised samples and stops when the revision closes that gap
+        if ebm_gain: self.log_gain = nn.Parameter(torch.zeros(()))
 
     def forward(self, xs: Sequence[torch.Tensor]) -> torch.Tensor:
         "The score f_a(x) per example, (B,)."
-        return self.head(torch.cat([t(x) for t, x in zip(self.trunks, xs)], 1))
+        f = self.head(torch.cat([t(x) for t, x in zip(self.trunks, xs)], 1))
+        return f * self.log_gain.exp() if hasattr(self, "log_gain") else f
 
     def energy(self, xs: Sequence[torch.Tensor]) -> torch.Tensor:
         "E_a(x) = -f_a(x) per example, (B,)."
@@ -163,13 +169,14 @@ class MMEBM(nn.Module):
                  sn_head: bool = False, sigma: float = 0.3, likelihood: str = "gaussian",
                  K_x: int = 30, s_x: float = 0.3, n_x: float = 1e-3, K_z: int = 10, s_z: float = 0.1,
                  n_z: float = 0.1, moe_init: str = "random_expert", ebm_init: str = "generator",
-                 modalities: Sequence[dict] | None = None, sn_trunk: bool = True):
+                 modalities: Sequence[dict] | None = None, sn_trunk: bool = True,
+                 ebm_gain: bool = False):
         super().__init__()
         if inference not in ("moe", "independent"): raise ValueError(f"inference must be moe or independent, not {inference!r}")
         if ebm_init not in ("generator", "noise"): raise ValueError(f"ebm_init must be generator or noise, not {ebm_init!r}")
         self.n_modalities, self.inference_mode, self.moe_init, self.ebm_init = n_modalities, inference, moe_init, ebm_init
         self.ebm = MultimodalEBM(n_modalities, image_size, channels, ebm_width, ebm_feat, ebm_hidden, sn_head, modalities,
-                                 sn_trunk=sn_trunk)
+                                 sn_trunk=sn_trunk, ebm_gain=ebm_gain)
         self.generator = SharedLatentGenerator(n_modalities, latent_dim, image_size, channels, dec_width, latent, sigma, likelihood,
                                                modalities)
         self.inference = MoEInference(n_modalities, latent_dim, image_size, channels, enc_width, enc_hidden, latent,

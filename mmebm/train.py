@@ -37,7 +37,12 @@ def build_model(cfg: Config) -> MMEBM:
 def build_optimisers(model: MMEBM, cfg: Config):
     "Adam per model and an exponential learning-rate decay per epoch for each."
     adam = lambda ps, lr, wd, betas=cfg.betas: torch.optim.Adam(ps, lr=lr, betas=tuple(betas), weight_decay=wd)
-    opt = {"E": adam(model.ebm.parameters(), cfg.lr_E, cfg.wd_E, cfg.betas_E or cfg.betas),
+    # the EBM's learnable gain (cfg.ebm_gain) is a second group of E's optimiser, at its own rate and without decay;
+    # the first group stays the network's, whose rate the log records
+    g = getattr(model.ebm, "log_gain", None)
+    net = [p for p in model.ebm.parameters() if p is not g]
+    gain = [{"params": [g], "lr": cfg.lr_gain, "weight_decay": 0.0}] if g is not None else []
+    opt = {"E": adam([{"params": net}] + gain, cfg.lr_E, cfg.wd_E, cfg.betas_E or cfg.betas),
            "G": adam(model.generator.parameters(), cfg.lr_G, cfg.wd_G),
            "I": adam(model.inference.parameters(), cfg.lr_I, cfg.wd_I)}
     return opt, {k: torch.optim.lr_scheduler.ExponentialLR(o, gamma=cfg.lr_decay) for k, o in opt.items()}
@@ -47,7 +52,7 @@ def raise_ebm_lr(opt_E, cfg: Config, iteration: int) -> bool:
     kept); True when it did. Called before every iteration: the new rate lives in the optimiser's own state, so a
     run resumed after the switch keeps it and one resumed before makes it at the same iteration."""
     if cfg.lr_E_late is None or iteration != cfg.lr_E_late_at: return False
-    for g in opt_E.param_groups: g["lr"] *= cfg.lr_E_late / cfg.lr_E
+    opt_E.param_groups[0]["lr"] *= cfg.lr_E_late / cfg.lr_E       # the network's group; a learnable gain keeps its rate
     return True
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -459,32 +464,39 @@ def plot_log(run_dir, smooth: int = 1):
     diag = "z0_norm" in log.columns
     fig, axes = plt.subplots(2 if diag else 1, 5, figsize=(17, 5.6 if diag else 2.8), squeeze=False)
     ax = axes[0]
-    for a, col, title in zip(ax, ("loss_E_times_T", "loss_G", "loss_I"), ("EBM: L_E * T", "generator: L_G", "inference: L_I")):
-        a.plot(log.index, log[col], lw=1); a.set_title(title, fontsize=9)
+    for a, col, title, unit in zip(ax, ("loss_E_times_T", "loss_G", "loss_I"), ("EBM: L_E * T", "generator: L_G", "inference: L_I"),
+                                   ("E(data) - E(x~), mean", "-log p, per example", "-log q, per expert")):
+        a.plot(log.index, log[col], lw=1); a.set_title(title, fontsize=9); a.set_ylabel(unit, fontsize=8)
     for col, label in (("E_data", "data"), ("E_init", "initialiser"), ("E_revised", "revised")):
         ax[3].plot(log.index, log[col], lw=1, label=label)
-    ax[3].set_title("mean energy", fontsize=9); ax[3].legend(fontsize=7)
+    ax[3].set_title("mean energy", fontsize=9); ax[3].legend(fontsize=7); ax[3].set_ylabel("E", fontsize=8)
     ax[4].plot(log.index, log["logvar_I"], lw=1); ax[4].set_title("experts' mean log-variance", fontsize=9)
+    ax[4].set_ylabel("log s^2", fontsize=8)
     if diag:
         ax = axes[1]
         ax[0].plot(log.index, log["z0_norm"], lw=1, label="z0 (experts' draws)")
         ax[0].plot(log.index, log["zrev_norm"], lw=1, label="z~ (after T_z)")
         ax[0].plot(log.index, log["z_rms_expert"], lw=1, label="RMS(z~ - mu)")
         ax[0].axhline(1, color="k", lw=0.6, ls=":", label="prior")
-        ax[0].set_title("latents, per dimension", fontsize=9); ax[0].legend(fontsize=7)
+        ax[0].set_title("latents, per dimension", fontsize=9); ax[0].legend(fontsize=7); ax[0].set_ylabel("|z| / sqrt(d)", fontsize=8)
         M = sum(c.startswith("rec_mu_") for c in log.columns)
         for kind, colour, label in (("rec_mu", "C0", "expert mean (no chain)"), ("rec_z", "C1", "z~")):
             cols = [f"{kind}_{m}" for m in range(M)]
             for c in cols: ax[1].plot(log.index, log[c], lw=0.4, color=colour, alpha=0.5)
             ax[1].plot(log.index, log[cols].mean(axis=1), lw=1.2, color=colour, label=label)
         ax[1].set_title("reconstruction error per modality", fontsize=9); ax[1].legend(fontsize=7)
+        ax[1].set_ylabel("squared error per pixel ([-1, 1] scale)", fontsize=8)
         ax[2].semilogy(log.index, log["x_move"], lw=1, label="mean |x~ - x0|")
         ax[2].semilogy(log.index, log["x_noise_floor"], lw=1, ls="--", color="k", label="noise floor")
         ax[2].semilogy(log.index, 10 * log["x_noise_floor"], lw=0.6, ls=":", color="k", label="10 x floor")
-        ax[2].semilogy(log.index, log["grad_x"], lw=1, label="mean |dE/dx|")
-        ax[2].set_title("data-space chain", fontsize=9); ax[2].legend(fontsize=7)
+        ax[2].set_title("data-space chain", fontsize=9); ax[2].legend(fontsize=7, loc="upper left")
+        ax[2].set_ylabel("mean |x~ - x0| per pixel", fontsize=8)
+        # the energy's input gradient is another quantity: its own axis
+        g = ax[2].twinx(); g.semilogy(log.index, log["grad_x"], lw=1, color="C3", label="mean |dE/dx| (right axis)")
+        g.set_ylabel("mean |dE/dx|", fontsize=8, color="C3"); g.tick_params(labelsize=7); g.legend(fontsize=7, loc="lower right")
         ax[3].plot(log.index, log["U_init"], lw=1, label="U(z0)"); ax[3].plot(log.index, log["U_revised"], lw=1, label="U(z~)")
         ax[3].set_yscale("log"); ax[3].set_title("latent potential before / after T_z", fontsize=9); ax[3].legend(fontsize=7)
+        ax[3].set_ylabel("U(z), nats", fontsize=8)
         probe = raw[[c for c in PROBE_COLUMNS if c in raw.columns]].dropna(how="all")
         if len(probe):
             for c, label in (("probe_coh", "single-source (with T_z)"), ("probe_coh_mu", "from expert mean"),
@@ -493,6 +505,7 @@ def plot_log(run_dir, smooth: int = 1):
             ax[4].axhline(0.1, color="k", lw=0.6, ls=":", label="chance")
             ax[4].legend(fontsize=7)
         ax[4].set_title("coherence probe" + ("" if len(probe) else " (not run)"), fontsize=9)
+        ax[4].set_ylabel("fraction coherent", fontsize=8)
     for a in axes.flat: a.set_xlabel("iteration", fontsize=8); a.tick_params(labelsize=7)
     fig.tight_layout()
     return fig

@@ -28,6 +28,8 @@ def run(tag: str, spec: dict, plan: dict):
     else: t, status = train(cfg, d, probe=training_probe(cfg))
     dest.mkdir(parents=True, exist_ok=True)
     for f in ("log.csv", "config.yaml", "status.json"): shutil.copy(t.run_dir / f, dest / f)
+    if hasattr(t.model.ebm, "log_gain"):     # the learnable EBM gain at the end (cfg.ebm_gain)
+        (dest / "ebm_gain.json").write_text(json.dumps({"gain": float(t.model.ebm.log_gain.exp())}) + "\n")
     if status["state"] == "completed" and cfg.dataset == "polymnist":
         # where the data's revised latents lie against the prior at the end (nbs/06_metrics, latent_fit), on the probe's tuples
         model, test, clf = t.model.eval(), PolyMNIST(t.data_path, "test"), metrics.get_classifiers(t.data_path)
@@ -92,6 +94,8 @@ def summarise(plan: dict):
                      "rec from expert mean": last[[f"rec_mu_{m}" for m in range(M)]].mean(),
                      "z0 norm": last["z0_norm"], "z~ norm": last["zrev_norm"], "expert log-var": last["logvar_I"],
                      "x move / floor": last["x_move"] / last["x_noise_floor"], "mean dE/dx": last["grad_x"]}
+                    | ({"EBM gain (end)": json.loads((f.parent / "ebm_gain.json").read_text())["gain"]}
+                       if (f.parent / "ebm_gain.json").exists() else {})
                     | latent_columns(f.parent / "latent_fit.json")
                     | chain_columns(f.parent / "chain.json", yaml.safe_load((f.parent / "config.yaml").read_text())))
     table = pd.DataFrame(rows)
