@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from tqdm.auto import tqdm
-from .data import DataError, data_root, sha256_file, to_signed, read_manifest, building, write_manifest
+from .data import DataError, data_root, sha256_file, to_signed, read_manifest, building, write_manifest, cache_lock
 
 # %% auto #0
 __all__ = ['SPECIALS', 'EXC', 'PAD', 'EOS', 'MAX_LEN', 'MIN_COUNT', 'CAPTIONS_PER_IMAGE', 'IMAGE_SIZE', 'VOCAB_VERSION',
@@ -325,6 +325,11 @@ def build_cub_standin(cache_dir=None, seed: int = 0, n_train: int = 2000, n_test
     "Build (or re-use) the offline CUB stand-in (images `size` x `size`) in the cache; return its folder."
     path = data_root(cache_dir) / standin_name(seed, n_train, n_test, size)
     if not force and _complete(path): return path
+    with cache_lock(path):      # one builder per entry across processes (nbs/00_data)
+        if not force and _complete(path): return path
+        return _build_standin(path, seed, n_train, n_test, progress, size)
+
+def _build_standin(path: Path, seed: int, n_train: int, n_test: int, progress: bool, size: int) -> Path:
     t0 = time.time()
     rngs = dict(zip(("train", "test"), (np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(2))))
     with tqdm(total=n_train + n_test, desc=f"building {path.name}", unit="img", disable=not progress) as bar:

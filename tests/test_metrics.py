@@ -81,6 +81,7 @@ def _train_published_format(full_data, folder):
     return Mx.save_published_format(models, folder), models
 
 
+@pytest.mark.slow     # minutes of CPU in CI's 15-minute budget: run with --run-slow / MMEBM_SLOW=1 (and on a GPU session)
 def test_published_classifiers_load_strictly_and_score(full_data, test_ds, tmp_path):
     "Weights in the published files' format and layout load, score coherence, and a foreign layout is refused."
     folder, models = _train_published_format(full_data, tmp_path / "clf")

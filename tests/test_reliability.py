@@ -179,7 +179,9 @@ KILL_CASES = {   # what trains (ours, a multivae baseline, one written here) and
 }
 
 
-@pytest.mark.parametrize("case", list(KILL_CASES))
+# ours in every run of the suite; the two baselines (the same run-directory code, through BaselineTrainer) when slow
+# tests run: together they cost CI about 80 s of its 15-minute budget
+@pytest.mark.parametrize("case", [c if c == "ours" else pytest.param(c, marks=pytest.mark.slow) for c in KILL_CASES])
 def test_killed_at_random_moments_and_resumed_equals_an_uninterrupted_run(case, tmp_path, env):
     "Seed 0 kills the first start half way through a checkpoint write, then twice at random; seed 1 three times at random."
     argv, seeds = KILL_CASES[case]
@@ -436,3 +438,26 @@ def test_upgrade_checkpoint_refuses_an_untrusted_file_before_unpickling_it(tmp_p
     torch.save(ck, t.run_dir / "checkpoint.pt")
     r = mmebm(["upgrade-checkpoint", str(t.run_dir)], env)
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "--trust" in r.stderr and not marker.exists(), r.stderr
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the workers' parent-death signal is Linux's")
+def test_killing_reproduce_with_jobs_stops_its_workers(tmp_path, env):
+    "SIGTERM to `mmebm reproduce --jobs 2` ends the runs it trains too (before the fix they trained on as orphans)."
+    plan = tmp_path / "two.yaml"      # three runs (two at a time), long enough to be training when the parent is killed
+    plan.write_text("profile: tiny\nset: {checkpoint_every: 50}\nmain:\n  iterations: 100000\nablation_iterations: 100000\n"
+                    "ablations:\n  latent: [independent]\nupdate_readme: false\n")
+    p = subprocess.Popen([EXE, "reproduce", "--plan", str(plan), "--results-dir", str(tmp_path / "results"), "--jobs", "2", "--no-notebooks", "--quiet"], env=env,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    logs, t0 = lambda: list((tmp_path / "runs").glob("two-*/log.csv")), time.time()
+    while time.time() - t0 < 180 and p.poll() is None and len(logs()) < 2: time.sleep(0.2)
+    assert p.poll() is None and len(logs()) == 2, f"the two runs never started: {p.poll()} {p.stderr.read()[-2000:] if p.poll() is not None else ''}"
+    children = [int(c) for c in Path(f"/proc/{p.pid}/task/{p.pid}/children").read_text().split()]
+    workers = [w for w in children if b"spawn_main" in Path(f"/proc/{w}/cmdline").read_bytes()]     # not the resource tracker
+    assert len(workers) == 2, children
+    p.send_signal(signal.SIGTERM); p.wait(timeout=30)
+    running = lambda w: Path(f"/proc/{w}").exists() and Path(f"/proc/{w}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    t0 = time.time()
+    while time.time() - t0 < 20 and any(running(w) for w in workers): time.sleep(0.2)
+    alive = [w for w in workers if running(w)]
+    for w in alive: os.kill(w, signal.SIGKILL)
+    assert not alive, f"workers {alive} outlived their parent"

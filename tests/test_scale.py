@@ -85,6 +85,7 @@ def torchrun(args, env, nproc=2, timeout=600):
     return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
 
 
+@pytest.mark.slow     # minutes of CPU in CI's 15-minute budget: run with --run-slow / MMEBM_SLOW=1 (and on a GPU session)
 def test_torchrun_two_processes_train_resume_and_stay_in_sync(tmp_path):
     "`torchrun --nproc-per-node 2 -m mmebm train`: one run directory, rank-0 files, ranks in sync, exact resume."
     env = os.environ | {"MMEBM_RUNS_DIR": str(tmp_path / "runs"), "OMP_NUM_THREADS": "1"}
@@ -126,6 +127,7 @@ def test_inductor_compile_matches_eager_on_cpu():
     assert all(err[k] <= 1e-4 for k in ("loss_G", "loss_I", "loss_E", "E_data")), err
 
 
+@pytest.mark.slow     # minutes of CPU in CI's 15-minute budget: run with --run-slow / MMEBM_SLOW=1 (and on a GPU session)
 def test_the_gpu_session_script_dry_runs_on_cpu_and_continues_its_training(tmp_path):
     """reproduce/gpu_session.sh (issue 8's prepared GPU command) with PROFILE=tiny on this CPU: the benchmark plain and
     with a switch, a training chunk, then a second command that continues that run and scores it."""
