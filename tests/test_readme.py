@@ -1,5 +1,6 @@
 """README against the results it quotes (issue 34): the results block is the committed main table, and every number the
 README's prose quotes from a result is found in a committed result file. Reads committed files only: fast, no data."""
+import json
 import re
 from pathlib import Path
 
@@ -35,3 +36,19 @@ def test_every_number_the_results_prose_quotes_is_in_a_committed_result():
     # a number may be written rounded from a longer one in a file (0.599 from 0.5993): compare at the quoted precision
     found = {n for n in quoted if re.search(rf"(?<![\d.]){re.escape(n)}", committed.replace(",", ""))}
     assert quoted <= found, f"README quotes numbers found in no committed result in results/cpu's tables or README: {sorted(quoted - found)}"
+
+
+def test_results_readme_lists_every_run_trained_from_uncommitted_code():
+    """results/README.md's "Runs trained from uncommitted code" names exactly the committed runs whose status.json
+    carries a `+dirty` revision: a new dirty run, or one retrained clean, makes this fail until the list follows."""
+    dirty = set()
+    for status in (ROOT / "results").glob("*/**/status.json"):
+        if json.loads(status.read_text()).get("revision", "").endswith("+dirty"):
+            plan = status.relative_to(ROOT / "results").parts[0]
+            dirty.add((plan, status.parent.name))
+    assert dirty, "no committed run carries +dirty: drop the section from results/README.md and this test"
+    section = (ROOT / "results" / "README.md").read_text().split("## Runs trained from uncommitted code", 1)[1]
+    listed = set()
+    for plan, names in re.findall(r"^- `results/([\w.-]+)/`: (.*(?:\n  .*)*)", section, re.M):
+        listed |= {(plan, n) for n in re.findall(r"`([^`]+)`", names)}
+    assert listed == dirty, f"listed but clean: {sorted(listed - dirty)}; dirty but not listed: {sorted(dirty - listed)}"
