@@ -84,7 +84,7 @@ def _train(a):
     # under torchrun every process runs this; they join one process group (gloo on CPU, NCCL on CUDA) first
     r = scale.init_distributed(a.device or "auto")
     try:
-        from mmebm.experiments import training_probe
+        from mmebm.runs import training_probe
         if a.resume:
             budget = _parse_set(a.set) | {k: getattr(a, k) for k in ("iterations", "max_minutes") if getattr(a, k) is not None}
             t = train.Trainer.resume(a.resume, **budget)
@@ -173,8 +173,8 @@ def _eval(a):
     return 0
 
 def _reproduce(a):
-    from mmebm import experiments
-    if a.cub_root: os.environ[experiments.CUB_ROOT_ENV] = str(Path(a.cub_root).expanduser().resolve())
+    from mmebm import experiments, plans
+    if a.cub_root: os.environ[plans.CUB_ROOT_ENV] = str(Path(a.cub_root).expanduser().resolve())
     if a.notebooks_only:        # tables and figures again from the committed folder: no training, scoring or data
         out = experiments.figures(a.plan or a.profile, a.results_dir)
         return 4 if any(s["state"] == "failed" for s in out["notebooks"].values()) else 0

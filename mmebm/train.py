@@ -5,27 +5,25 @@ exactly, and the divergence guard. The benchmark of an iteration's parts is `05b
 
 # %% ../nbs/05_train.ipynb #7c533cfb
 from __future__ import annotations
-import contextlib, csv, hashlib, inspect, io, json, math, os, pickle, platform, random, subprocess, time
+import hashlib, inspect, os, random
 from dataclasses import asdict
 from pathlib import Path
 import numpy as np
 import torch
-from tqdm.auto import tqdm
-from .data import PolyMNIST, read_manifest, atomic_write, remove_stale_temporaries, read_json
 from .datasets import resolve_config, data_path_of, dataset_of      # the data set behind a config (00c_datasets)
 from .model import MMEBM, frozen
 from .revision import RevisionStep, Diverged
 from . import scale
-from .rundir import RunLock, save_with_previous, first_loadable, dumps     # one writer, two checkpoints (05d_rundir)
+from .rundir import RunLock     # one writer per run directory (05d_rundir)
+# the run loop (05e_loop), and its bookkeeping, which the modules above the trainer import from here
+from .loop import (RunLoop, Stop, runs_root, git_revision, threads_seen, cpuinfo_field, cpu_signature, device_name,
+                        cut_log, atomic_torch_save, plain_rng, rng_state, set_rng_state, CheckpointError, CorruptCheckpoint,
+                        load_checkpoint_file, checked_checkpoint, run_checkpoint, same_config, upgrade_checkpoint)
 from .config import Config, profile, config_hash, save_config, load_config, BUDGET_KEYS     # profile: for the examples
 
 # %% auto #0
 __all__ = ['MODEL_KEYS', 'LOG_COLUMNS', 'PROBE_COLUMNS', 'TRAINER_KEYS', 'build_model', 'build_optimisers', 'raise_ebm_lr',
-           'resolve_device', 'quick_checks', 'Trainer', 'default_run_dir', 'train', 'runs_root', 'git_revision',
-           'threads_seen', 'cpuinfo_field', 'cpu_signature', 'device_name', 'log_columns', 'cut_log',
-           'atomic_torch_save', 'plain_rng', 'rng_state', 'set_rng_state', 'CheckpointError', 'CorruptCheckpoint',
-           'load_checkpoint_file', 'checked_checkpoint', 'run_checkpoint', 'same_config', 'upgrade_checkpoint',
-           'plot_log']
+           'resolve_device', 'quick_checks', 'Trainer', 'default_run_dir', 'train', 'log_columns', 'plot_log']
 
 # %% ../nbs/05_train.ipynb #ac543e23
 MODEL_KEYS = tuple(p for p in inspect.signature(MMEBM).parameters)
@@ -85,13 +83,17 @@ def quick_checks(model: MMEBM, ds, n: int = 256, seed: int = 0) -> dict:
             "E_test": e_data, "E_generator": e_gen}
 
 # %% ../nbs/05_train.ipynb #741963ba
-class Trainer:
-    """Trains MMEBM by MCMC revision for a Config on its data set (PolyMNIST or CUB), in its run directory.
+class Trainer(RunLoop):
+    """Trains MMEBM by MCMC revision for a Config on its data set (PolyMNIST or CUB), in its run directory: one
+    `RevisionStep` per iteration inside the run loop every run shares (`05e_loop`: batches, budgets, log, checkpoints,
+    resume, lock, status).
 
     `probe` (optional): a function of the model returning a dict of `PROBE_COLUMNS`, called every `probe_every`
     iterations and logged in that iteration's row, e.g. `metrics.coherence_probe` (the metrics sit above the
     trainer, so the caller hands it in). It runs on a forked random stream with the EBM frozen, so a run with a probe
     trains exactly as one without."""
+    BUDGET_KEYS, OPTIONS = BUDGET_KEYS, ("probe",)
+
     def __init__(self, cfg: Config, run_dir: str | os.PathLike | None = None, probe=None):
         cfg = resolve_config(cfg)
         self.probe = probe
@@ -114,16 +116,6 @@ class Trainer:
                                              reduce=scale.mean_over_ranks if ddp else None)
         self.iteration, self.wall_before = 0, 0.0
         self.lock, self.resumed = RunLock(self.run_dir), False      # one writer per run directory (05d_rundir)
-
-    @property
-    def config_hash(self) -> str:
-        "What this run computes per iteration, as eight hex digits (`config.config_hash`)."
-        return config_hash(self.cfg)
-
-    @property
-    def total(self) -> int:
-        "The iteration budget: `iterations`, or `epochs` worth of iterations when set."
-        return math.ceil(self.cfg.epochs * self.per_epoch) if self.cfg.epochs else self.cfg.iterations
 
     # ---- checkpoints
     def state_dict(self) -> dict:
@@ -158,121 +150,55 @@ class Trainer:
             else: torch.cuda.set_rng_state_all(rng["cuda"])
         return self
 
-    @classmethod
-    def resume(cls, run_dir, probe=None, **budget) -> "Trainer":
-        """The trainer of an existing run at its last checkpoint (the log is cut back to that iteration).
-        Only budget keys (`BUDGET_KEYS`) may change: anything else would be another run."""
-        run_dir = Path(run_dir)
-        if not (run_dir / "checkpoint.pt").exists(): raise FileNotFoundError(f"{run_dir}: no checkpoint.pt to resume from")
-        if set(budget) - set(BUDGET_KEYS):
-            raise ValueError(f"a resumed run may change only its budget {BUDGET_KEYS}, not {sorted(set(budget) - set(BUDGET_KEYS))}")
-        t = cls(load_config(run_dir / "config.yaml").replace(**budget), run_dir, probe=probe)
-        if t.ranks.main: t.lock.acquire()           # held until `fit` ends: nobody writes between the cut and training
-        try:
-            t.load_checkpoint()
-            same_config(t.saved_config, t.cfg, run_dir)
-            if t.ranks.main:
-                remove_stale_temporaries(run_dir)      # what a process killed while writing left behind
-                cut_log(run_dir / "log.csv", t.iteration, log_columns(t.cfg))
-        except BaseException:
-            t.lock.release(); raise
-        t.resumed = True
-        return t
-
-    @classmethod
-    def load(cls, run_dir, probe=None) -> "Trainer":
-        """The trainer of an existing run at its last checkpoint, read-only: nothing in the run directory is written
-        or cut (what scoring and sampling use; a run being trained meanwhile is left alone)."""
-        run_dir = Path(run_dir)
-        if not (run_dir / "config.yaml").exists(): raise FileNotFoundError(f"{run_dir}: no config.yaml, so not a run directory")
-        t = cls(load_config(run_dir / "config.yaml"), run_dir, probe=probe).load_checkpoint()
-        same_config(t.saved_config, t.cfg, run_dir)
-        return t
-
     def run_probe(self) -> dict:
         "The probe's numbers, computed on a forked random stream with the EBM frozen (training is left exactly as it was)."
         with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []), frozen(self.model.ebm):
             return self.probe(self.model)
 
-    # ---- bookkeeping
-    def _status(self, state: str, **extra) -> dict:
-        man = read_manifest(self.data_path)
-        s = {"state": state, "iteration": self.iteration, "iterations": self.total, "epochs": self.iteration / self.per_epoch,
-             "wall_seconds": round(self.wall_before, 1), "device": device_name(self.device), "torch": torch.__version__,
-             "revision": git_revision(), "data": {"name": man["name"], "source": man["source"], "data_sha256": man["data_sha256"]},
-             "config_hash": config_hash(self.cfg), "threads": threads_seen(self.run_dir)} | extra
-        if self.device.type == "cpu": s["cpu"] = cpu_signature()
-        if self.ranks.group: s["ranks"] = self.ranks.world
-        if self.ranks.main: atomic_write(self.run_dir / "status.json", dumps(s))     # no NaN: JSON readers refuse it
-        return s
+    # ---- the step and its log
+    def train_step(self, x, epoch: int) -> dict:
+        "G -> I -> E on one batch (`04_revision`), after the EBM's rate is raised when the config says so."
+        x = scale.shard(x, self.ranks)   # every rank draws the same global batch and keeps its rows
+        raise_ebm_lr(self.opt["E"], self.cfg, self.iteration)
+        try:
+            return self.step(scale.to_memory_format([t.to(self.device, non_blocking=True) for t in x], self.cfg.channels_last))
+        except Diverged as e:
+            raise Stop("diverged", diverged_model=e.model, loss=e.value, reason=str(e), at_iteration=self.iteration + 1) from None
+
+    def after_step(self, row: dict) -> dict:
+        "The probe's numbers every `probe_every` iterations (rank 0), and the EBM's learning rate."
+        cfg = self.cfg
+        if self.probe and cfg.probe_every and self.ranks.main and (self.iteration % cfg.probe_every == 0 or self.iteration == self.total):
+            row = row | self.run_probe()
+        return row | {"lr_E": self.opt["E"].param_groups[0]["lr"]}
+
+    def end_of_iteration(self):
+        if self.iteration % self.per_epoch == 0:
+            for s in self.sched.values(): s.step()
+
+    def postfix(self, row: dict) -> dict:
+        "The three losses as the log names them (L_E times the temperature T: its scale)."
+        return {"L_E*T": f"{row['loss_E_times_T']:.3g}", "L_G": f"{row['loss_G']:.4g}", "L_I": f"{row['loss_I']:.3g}"}
+
+    def log_columns(self) -> tuple: return log_columns(self.cfg)
+
+    # ---- the run's config and status
+    def write_config(self, path): save_config(self.cfg, path)
+    read_config, config_hash_of = staticmethod(load_config), staticmethod(config_hash)
+    @staticmethod
+    def run_dir_for(cfg) -> Path: return default_run_dir(cfg)
+
+    def status_fields(self) -> dict:
+        "The CPU kind (a run repeats bit for bit only on its own) and, under a process group, the number of ranks."
+        return ({"cpu": cpu_signature()} if self.device.type == "cpu" else {}) | ({"ranks": self.ranks.world} if self.ranks.group else {})
 
     def ranks_in_sync(self) -> bool:
         "Whether every rank holds the same parameters (what DDP promises; a collective call)."
         digest = hashlib.sha256(b"".join(p.detach().cpu().numpy().tobytes() for p in self.model.parameters())).hexdigest()
         return len(set(scale.gather_objects(digest))) == 1
 
-    def fit(self, progress: bool = True) -> dict:
-        """Train until the iteration budget, the time budget, or divergence; return (and write) the status.
-        Under a process group every rank calls it; rank 0 alone writes the log, the status and the checkpoints, holding
-        the run directory's lock (`RunLock`) from start to end (and from `resume` on, when resumed)."""
-        if not self.ranks.main: return self._fit(progress)
-        try:
-            with self.lock: return self._fit(progress)
-        finally:
-            if self.resumed: self.resumed = False; self.lock.release()     # the hold `resume` took
-
-    def _fit(self, progress: bool) -> dict:
-        main = self.ranks.main
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        if main: save_config(self.cfg, self.run_dir / "config.yaml")
-        log_path = self.run_dir / "log.csv"
-        # a run that starts from iteration 0 starts its log afresh: a log left by a process killed before its first
-        # checkpoint (perhaps without even its header) describes iterations that were never saved
-        new_log = self.iteration == 0 or not log_path.exists()
-        start, cfg = time.perf_counter(), self.cfg
-        deadline = start + cfg.max_minutes * 60 if cfg.max_minutes else None
-        bar = tqdm(total=self.total, initial=self.iteration, desc=self.run_dir.name, disable=not (progress and main))
-        header = None if new_log else _log_header(log_path)
-        with (log_path.open("w" if new_log else "a", newline="") if main else open(os.devnull, "w")) as f:
-            w = csv.DictWriter(f, header or log_columns(cfg), extrasaction="ignore")
-            if new_log: w.writeheader()
-            state, extra, batches, batches_epoch = "completed", {}, None, None
-            while self.iteration < self.total:
-                epoch, j = divmod(self.iteration, self.per_epoch)
-                if epoch != batches_epoch:   # one shuffled pass per epoch; a resumed run starts at its batch j
-                    batches, batches_epoch = self.train_ds.batches(cfg.batch_size, seed=cfg.seed, epoch=epoch, start=j), epoch
-                x, _ = next(batches)
-                x = scale.shard(x, self.ranks)   # every rank draws the same global batch and keeps its rows
-                raise_ebm_lr(self.opt["E"], cfg, self.iteration)
-                try:
-                    row = self.step(scale.to_memory_format([t.to(self.device, non_blocking=True) for t in x], cfg.channels_last))
-                except Diverged as e:
-                    state, extra = "diverged", {"diverged_model": e.model, "loss": e.value, "reason": str(e),
-                                                "at_iteration": self.iteration + 1}
-                    break
-                self.iteration += 1
-                if self.probe and cfg.probe_every and main and (self.iteration % cfg.probe_every == 0 or self.iteration == self.total):
-                    row |= self.run_probe()
-                w.writerow(row | {"iteration": self.iteration, "epoch": epoch, "lr_E": self.opt["E"].param_groups[0]["lr"]})
-                f.flush()       # one row per write: a process killed at any moment leaves whole rows
-                if self.iteration % self.per_epoch == 0:
-                    for s in self.sched.values(): s.step()
-                bar.update(1)        # the three losses as the log names them (L_E times the temperature T: its scale)
-                bar.set_postfix({"L_E*T": f"{row['loss_E_times_T']:.3g}", "L_G": f"{row['loss_G']:.4g}", "L_I": f"{row['loss_I']:.3g}"})
-                now = time.perf_counter()
-                if self.iteration % cfg.checkpoint_every == 0 or self.iteration == self.total:
-                    self.wall_before += now - start; start = now; f.flush(); self.save_checkpoint()
-                if deadline and self.iteration < self.total and scale.any_rank(now > deadline, self.device):
-                    self.wall_before += now - start; start = now; f.flush(); self.save_checkpoint()
-                    state, extra = "stopped", {"reason": f"time budget of {cfg.max_minutes} min reached"}
-                    break
-        bar.close()
-        if self.ranks.group: extra["ranks_in_sync"] = self.ranks_in_sync()
-        if state == "diverged":
-            self.wall_before += time.perf_counter() - start
-            extra["last_good_checkpoint"] = str(self.run_dir / "checkpoint.pt") if (self.run_dir / "checkpoint.pt").exists() else None
-            if main: print(f"stopped: {extra['reason']}; last good checkpoint: {extra['last_good_checkpoint']}")
-        return self._status(state, **extra)
+    def end_fields(self) -> dict:
+        return {"ranks_in_sync": self.ranks_in_sync()} if self.ranks.group else {}
 
 def default_run_dir(cfg: Config) -> Path:
     """runs/<name>-<hash>; a run on N > 1 ranks draws other chain noise (another sample path of the same method),
@@ -282,55 +208,9 @@ def default_run_dir(cfg: Config) -> Path:
 
 def train(cfg: Config, run_dir=None, resume: bool = True, progress: bool = True, probe=None) -> tuple[Trainer, dict]:
     "Train a config in its run directory, continuing from its checkpoint when there is one (and `resume`); `probe`: see `Trainer`."
-    cfg = resolve_config(cfg)
-    run_dir = Path(run_dir or default_run_dir(cfg))
-    # one writer from the first look at the folder to the end of training (rank 0 writes; other ranks only train)
-    with RunLock(run_dir) if scale.ranks().main else contextlib.nullcontext():
-        saved = load_config(run_dir / "config.yaml") if (run_dir / "config.yaml").exists() else None
-        if saved is not None and config_hash(saved) != config_hash(cfg):
-            raise ValueError(f"{run_dir} holds another config (hash {config_hash(saved)}, not {config_hash(cfg)}): "
-                             "choose another run directory, or remove that one")
-        if resume and (run_dir / "checkpoint.pt").exists():
-            t = Trainer.resume(run_dir, probe=probe, **{k: getattr(cfg, k) for k in BUDGET_KEYS})
-        else:
-            if run_dir.is_dir(): remove_stale_temporaries(run_dir)   # a start killed before its first checkpoint left them
-            t = Trainer(cfg, run_dir, probe=probe)
-        return t, t.fit(progress)
+    return Trainer.start(cfg, run_dir, resume=resume, progress=progress, probe=probe)
 
 # %% ../nbs/05_train.ipynb #30175fa0
-def runs_root() -> Path:
-    return Path(os.environ.get("MMEBM_RUNS_DIR", "runs"))
-
-def git_revision() -> str | None:
-    "The git revision of the source tree, with '+dirty' when tracked files outside results/ have uncommitted changes (outputs do not count); None outside git."
-    try:
-        here = Path(__file__).resolve().parent
-        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ":/", ":(top,exclude)results"], cwd=here, capture_output=True, text=True, timeout=5)
-        return rev.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "") if rev.returncode == 0 else None
-    except Exception: return None
-
-def threads_seen(run_dir) -> list:
-    """The CPU thread counts of every invocation that has trained a run so far (its status keeps them): CPU reductions
-    round differently on another count, so a run repeats bit for bit only at the counts it trained at."""
-    prev = read_json(Path(run_dir) / "status.json") or {}
-    return sorted(set(prev.get("threads", [])) | {torch.get_num_threads()})
-
-def cpuinfo_field(name: str) -> str:
-    "A field of the first CPU in /proc/cpuinfo (`flags`, `model name`, ...); empty where there is no such file or field."
-    info = Path("/proc/cpuinfo")
-    lines = info.read_text().splitlines() if info.exists() else []
-    return next((l.split(":", 1)[1].strip() for l in lines if l.startswith(name)), "")
-
-def cpu_signature() -> str:
-    """The CPU kind a run computed on: torch's vector capability and a hash of the instruction-set flags. CPU kernels
-    round differently on another kind (AVX2 against AVX-512 with AMX, say), so a run repeats bit for bit only on its own."""
-    flags = cpuinfo_field("flags") if Path("/proc/cpuinfo").exists() else platform.processor()
-    return f"{torch.backends.cpu.get_cpu_capability()} flags {hashlib.sha256(' '.join(sorted(flags.split())).encode()).hexdigest()[:12]}"
-
-def device_name(device: torch.device) -> str:
-    return torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
-
 LOG_COLUMNS = ("iteration", "epoch", "loss_E", "loss_G", "loss_I", "loss_E_times_T", "E_data", "E_init", "E_revised",
                "logvar_I", "grad_E", "grad_G", "grad_I", "sec_langevin_x", "sec_langevin_z", "sec_G", "sec_I", "sec_E",
                "sec_iteration", "lr_E")
@@ -345,111 +225,8 @@ def log_columns(cfg: Config) -> tuple:
             *(f"rec_z_{m}" for m in range(M)), "x_move", "x_noise_floor", "grad_x")
     return LOG_COLUMNS + diag + PROBE_COLUMNS
 
-def _log_header(path: Path) -> list | None:
-    "The columns of an existing log (runs logged before a column was added keep their own)."
-    if not path.exists(): return None
-    with path.open() as f: return next(csv.reader(f), None)
-
-def cut_log(path: Path, iteration: int, columns) -> list:
-    """Cut a log back to its rows up to `iteration` (a resumed run computes the rest again) and drop a row that a
-    killed process left unfinished; rewritten atomically. Returns the rows kept."""
-    if not path.exists(): return []
-    lines = path.read_text().splitlines(keepends=True)
-    if lines and not lines[-1].endswith("\n"): lines = lines[:-1]          # a row cut short by a kill
-    header = next(csv.reader(lines[:1]), None) or list(columns)
-    at = header.index("iteration")
-    rows = [r for r in csv.reader(lines[1:]) if len(r) == len(header) and r[at].isdigit() and int(r[at]) <= iteration]
-    buf = io.StringIO(); w = csv.writer(buf)          # "\r\n" line ends, as DictWriter writes them
-    w.writerow(header); w.writerows(rows)
-    atomic_write(path, buf.getvalue())
-    return rows
-
-def atomic_torch_save(obj, path: Path, keep_previous: bool = False):
-    """torch.save into a temporary sibling, fsync, rename: a kill at any moment leaves the old checkpoint or the new.
-    `keep_previous`: the file it replaces stays as `<name>.prev.pt` (`rundir.save_with_previous`: a trainer's checkpoints)."""
-    return save_with_previous(lambda f: torch.save(obj, f), path, keep=keep_previous)
-
-# Random states are stored as tensors and plain numbers, so that a checkpoint loads with `weights_only=True`:
-# loading a run directory from someone else then runs no code.
-def plain_rng(rng: dict) -> dict:
-    "NumPy's and Python's random states (as `get_state()` / `getstate()` return them) as tensors and plain numbers."
-    out = dict(rng)
-    if isinstance(rng.get("numpy"), tuple):
-        _, keys, pos, has_gauss, cached = rng["numpy"]
-        out["numpy"] = {"keys": torch.from_numpy(np.asarray(keys, np.int64)), "pos": int(pos), "has_gauss": int(has_gauss),
-                        "cached_gaussian": float(cached)}
-    if isinstance(rng.get("python"), tuple):
-        version, mt, gauss = rng["python"]
-        out["python"] = {"version": int(version), "state": torch.tensor(mt, dtype=torch.int64), "gauss_next": gauss}
-    return out
-
-def rng_state() -> dict:
-    "This process's CPU random states (torch, NumPy, Python), checkpoint-safe."
-    return plain_rng({"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()})
-
-def set_rng_state(rng: dict):
-    "Restore what `rng_state` returned."
-    torch.set_rng_state(rng["torch"])
-    n, p = rng["numpy"], rng["python"]
-    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"]))
-    random.setstate((p["version"], tuple(p["state"].tolist()), p["gauss_next"]))
-
-class CheckpointError(ValueError):
-    "A checkpoint that cannot be loaded safely (or at all): one line saying which and why."
-
-class CorruptCheckpoint(CheckpointError):
-    "A checkpoint cut short or not of this trainer: a run falls back to its previous one (`run_checkpoint`)."
-
-def load_checkpoint_file(path, device="cpu") -> dict:
-    "A checkpoint loaded with `weights_only=True` (tensors and plain data: loading runs no code), or a one-line error."
-    path = Path(path)
-    if not path.exists(): raise FileNotFoundError(f"{path.parent}: no {path.name} (not a trained run directory?)")
-    try: return torch.load(path, map_location=device, weights_only=True)
-    except pickle.UnpicklingError:
-        raise CheckpointError(f"{path}: holds objects other than tensors and plain data, so it is not loaded (an older "
-                              f"mmebm wrote it? if you trust its source: mmebm upgrade-checkpoint --trust {path.parent})") from None
-    except (RuntimeError, EOFError, OSError) as e:
-        raise CorruptCheckpoint(f"{path}: unreadable ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
-
 # what a trainer's checkpoint must hold for `load_checkpoint` (the baselines' trainer has its own list)
 TRAINER_KEYS = ("model", "opt", "sched", "iteration", "wall_seconds", "rng", "config")
-
-def checked_checkpoint(ck, path, keys) -> dict:
-    "`ck` if it is a dict holding every key in `keys`; else a one-line `CheckpointError` naming what is missing."
-    missing = [k for k in keys if not isinstance(ck, dict) or k not in ck]
-    if missing: raise CorruptCheckpoint(f"{path}: not a checkpoint of this trainer (missing {', '.join(missing)})")
-    return ck
-
-def run_checkpoint(run_dir, device="cpu", keys=TRAINER_KEYS) -> dict:
-    """A run's newest checkpoint; when it is unreadable or malformed, the previous one (kept by `atomic_torch_save`),
-    with a one-line warning: a corrupt newest checkpoint costs one checkpoint interval, not the run."""
-    load = lambda p: checked_checkpoint(load_checkpoint_file(p, device), p, keys)
-    return first_loadable(Path(run_dir) / "checkpoint.pt", load, (CorruptCheckpoint,))[0]
-
-def same_config(saved: dict, cfg, run_dir, hash_of=config_hash):
-    """A `ValueError` when the checkpoint was trained under another config than the run's config.yaml says (`hash_of`:
-    the config's hash rule; the baselines pass theirs)."""
-    ck = resolve_config(type(cfg)().replace(**saved))
-    if hash_of(ck) != hash_of(cfg):
-        raise ValueError(f"{run_dir}: its checkpoint was trained under config {hash_of(ck)}, but config.yaml says "
-                         f"{hash_of(cfg)}; resuming would continue the wrong run (restore config.yaml, or start anew)")
-
-def upgrade_checkpoint(path, trust: bool = False) -> Path:
-    """Rewrite a checkpoint written before random states were stored plainly, so that it loads with
-    `weights_only=True`. This one load runs the file's pickle, so it is refused unless `trust` says the file's source
-    is trusted (`mmebm upgrade-checkpoint --trust`)."""
-    path = Path(path)
-    if path.is_dir(): path = path / "checkpoint.pt"
-    if not path.exists(): raise FileNotFoundError(f"{path}: no such checkpoint")
-    if not trust:
-        raise CheckpointError(f"{path}: upgrading runs the file's pickle, which can run any code; if you trust where "
-                              "it came from, say so with --trust (trust=True)")
-    ck = torch.load(path, map_location="cpu", weights_only=False)
-    ck["rng"] = plain_rng(ck["rng"])
-    if "rng_ranks" in ck: ck["rng_ranks"] = [plain_rng(r) for r in ck["rng_ranks"]]
-    atomic_torch_save(ck, path)
-    load_checkpoint_file(path)          # it now loads safely
-    return path
 
 # %% ../nbs/05_train.ipynb #70852896
 def plot_log(run_dir, smooth: int = 1):

@@ -10,7 +10,7 @@ from pathlib import Path
 import pandas as pd
 import yaml
 from mmebm.train import Trainer, profile, train, runs_root
-from mmebm.experiments import finished_in, training_probe
+from mmebm.runs import finished_in, training_probe
 from mmebm import metrics
 from mmebm.data import PolyMNIST
 

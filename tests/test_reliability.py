@@ -230,8 +230,8 @@ def test_reproduce_in_killed_chunks_equals_one_go(tmp_path, env):
 
 def test_a_truncated_status_is_read_as_missing(tmp_path, monkeypatch):
     "What an older, in-place writer left when killed: the plan runner treats the run as unfinished, not a crash."
-    from mmebm import experiments as X
-    spec = X.RunSpec("main", config.profile("tiny", iterations=2))
+    from mmebm import plans, runs as X
+    spec = plans.RunSpec("main", config.profile("tiny", iterations=2))
     t, _ = train.train(spec.cfg, tmp_path / "r", progress=False)
     monkeypatch.setattr(X, "run_dir_of", lambda s: t.run_dir)
     assert X.finished_status(spec)["state"] == "completed"

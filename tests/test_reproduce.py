@@ -16,7 +16,7 @@ import pytest
 import torch
 import yaml
 
-from mmebm import experiments as X
+from mmebm import experiments as X, plans as P, runs as R, report as REP
 
 TABLES = {
     "main_table": ["model", "FID Inception uncond", "FID Inception cond", "FID clf uncond", "FID clf cond",
@@ -83,7 +83,7 @@ def test_tiny_reproduce_produces_every_table_and_figure(tiny):
     assert "below the floor" in (res / "tables" / "main_table.md").read_text()           # tiny classifiers: refused, said why
     steps = pd.read_csv(res / "tables" / "step_ablation.csv")
     assert set(steps["sweep"]) == {"K_x", "K_z"} and (steps["state"] == "ok").all() and steps["s/iteration"].gt(0).all()
-    for nb in X.NOTEBOOKS:
+    for nb in REP.NOTEBOOKS:
         executed = nbformat.read(res / "notebooks" / f"{nb[0]}.ipynb", 4)
         assert executed.metadata["papermill"]["parameters"]["results_dir"] == "."      # no machine's path inside
         tags = [c.metadata.get("tags", []) for c in executed.cells]
@@ -91,7 +91,7 @@ def test_tiny_reproduce_produces_every_table_and_figure(tiny):
         assert "injected-parameters" in tags[at + 1], nb[0]                     # so the value given overrides the default
     index = (res / "README.md").read_text()
     assert "| main | completed | 6 |" in index and "sha256" in index and "training" in index
-    assert all(f"[{nb[0]}](notebooks/{nb[0]}.ipynb) | ok |" in index for nb in X.NOTEBOOKS), index         # every notebook's own row says it ran
+    assert all(f"[{nb[0]}](notebooks/{nb[0]}.ipynb) | ok |" in index for nb in REP.NOTEBOOKS), index         # every notebook's own row says it ran
     runs = json.loads((res / "runs.json").read_text())
     assert set(runs["runs"]) == {"main", "center", "latent-independent", "inference-independent", "Kx2", "Kz1", "noise-Kx2", "noise-Kx4",
                                  *(f"baseline-{k}" for k in ("mmvae_plus", "mopoe", "mwb", "code", "helvae", "diff_cmvae")), "cub", "cub-baseline-code", "cub-baseline-diff_cmvae"}
@@ -114,11 +114,11 @@ def test_second_invocation_reuses_runs_and_reports_a_failing_notebook(tiny, tmp_
     statuses = {p: p.stat().st_mtime_ns for p in (root / "runs").glob("*/status.json")}   # finished runs not even reopened
     # a copy of reproduce/ whose cost notebook raises in its third cell
     rep = tmp_path / "reproduce"
-    shutil.copytree(X.reproduce_dir(), rep)
+    shutil.copytree(P.reproduce_dir(), rep)
     nb = nbformat.read(rep / "06_cost.ipynb", 4)
     nb.cells[2].source = "raise RuntimeError('broken on purpose')\n" + nb.cells[2].source
     nbformat.write(nb, rep / "06_cost.ipynb")
-    env = env | {X.REPRODUCE_ENV: str(rep)}
+    env = env | {P.REPRODUCE_ENV: str(rep)}
     exe = str(Path(sys.executable).with_name("mmebm"))
     r = subprocess.run([exe, "reproduce", "--profile", "tiny", "--results-dir", str(root / "results2"), "--quiet"],
                        capture_output=True, text=True, env=env, timeout=900)
@@ -166,14 +166,14 @@ def test_runs_side_by_side_are_the_runs_one_after_another(tiny, tmp_path, monkey
     machine), has the log of the fixture's invocation, which trained them one after another on one thread."""
     root, _, _ = tiny
     monkeypatch.setenv("MMEBM_RUNS_DIR", str(tmp_path / "runs"))
-    monkeypatch.setattr(X, "usable_cores", lambda: 2)
-    todo = [s for s in X.plan_runs(X.load_plan("tiny"))[0] if not s.skip]
-    states = X.train_parallel(todo, jobs=2, say=lambda msg: None)
+    monkeypatch.setattr(R, "usable_cores", lambda: 2)
+    todo = [s for s in P.plan_runs(P.load_plan("tiny"))[0] if not s.skip]
+    states = R.train_parallel(todo, jobs=2, say=lambda msg: None)
     assert all(states[s.role]["state"] == "completed" and states[s.role]["threads"] == [1] for s in todo), states
     timing = [c for c in pd.read_csv(root / "results" / "runs" / "main" / "log.csv").columns if c.startswith("sec_")]
     for s in todo:
         one = pd.read_csv(root / "results" / "runs" / s.role / "log.csv").drop(columns=timing, errors="ignore")
-        side = pd.read_csv(X.run_dir_of(s) / "log.csv").drop(columns=timing, errors="ignore")
+        side = pd.read_csv(R.run_dir_of(s) / "log.csv").drop(columns=timing, errors="ignore")
         pd.testing.assert_frame_equal(one, side, check_exact=True, obj=s.role)
 
 
@@ -182,27 +182,27 @@ def test_results_in_the_repository_come_from_a_committed_tree(tmp_path, monkeypa
     refused before anything is written; with allow_dirty the diff is kept beside the run it trained."""
     monkeypatch.setenv("MMEBM_RUNS_DIR", str(tmp_path / "runs"))
     monkeypatch.setattr(X, "git_revision", lambda: "abc1234+dirty")
-    inside = X.reproduce_dir().parent / "results" / f"_guard-test-{os.getpid()}"
+    inside = P.reproduce_dir().parent / "results" / f"_guard-test-{os.getpid()}"
     try:
         with pytest.raises(ValueError, match="uncommitted changes"):
             X.reproduce("tiny", inside, progress=False, notebooks=False)
         assert not inside.exists()
         out = X.reproduce("tiny", inside, progress=False, notebooks=False, max_minutes=0.001, allow_dirty=True)
         assert out["incomplete"]                        # one iteration of the first run, then the budget is spent
-        main = X.run_dir_of(X.plan_runs(X.load_plan("tiny"))[0][0])
+        main = R.run_dir_of(P.plan_runs(P.load_plan("tiny"))[0][0])
         assert (main / "uncommitted.diff").exists()     # (empty on a clean clone, where only git_revision was faked)
     finally: shutil.rmtree(inside, ignore_errors=True)
 
 
 def test_a_plan_on_the_real_cub_without_its_folder_skips_that_run_with_the_reason(monkeypatch):
     "The paper plan trains on the real CUB from $MMEBM_CUB_ROOT; without it the CUB run is skipped, said why, and the rest plans."
-    monkeypatch.delenv(X.CUB_ROOT_ENV, raising=False)
-    specs, _ = X.plan_runs(X.load_plan("paper"))
+    monkeypatch.delenv(P.CUB_ROOT_ENV, raising=False)
+    specs, _ = P.plan_runs(P.load_plan("paper"))
     cub = next(s for s in specs if s.role == "cub")
-    assert X.CUB_ROOT_ENV in cub.skip and X.train_run(cub) == {"state": "skipped", "reason": cub.skip}
+    assert P.CUB_ROOT_ENV in cub.skip and R.train_run(cub) == {"state": "skipped", "reason": cub.skip}
     assert specs[0].role == "main" and specs[0].skip is None
-    monkeypatch.setenv(X.CUB_ROOT_ENV, "/data/CUB")
-    cub = next(s for s in X.plan_runs(X.load_plan("paper"))[0] if s.role == "cub")
+    monkeypatch.setenv(P.CUB_ROOT_ENV, "/data/CUB")
+    cub = next(s for s in P.plan_runs(P.load_plan("paper"))[0] if s.role == "cub")
     assert cub.skip is None and cub.cfg.data == "/data/CUB" and cub.cfg.latent_dim == 128 and cub.cfg.dataset == "cub"
 
 
@@ -220,7 +220,7 @@ def test_a_published_cub_tree_goes_through_reproduce_and_the_cub_notebook(tmp_pa
             "cub": {"profile": "cub-tiny", "data": "real", "iterations": 2, "eval": {"n_coherence": 6, "n_fid": 6, "n_inception": 0},
                     "baselines": {"iterations": {"mopoe": 2}}}}
     (tmp_path / "realcub.yaml").write_text(yaml.safe_dump(plan))
-    env = {k: v for k, v in os.environ.items() if k != X.CUB_ROOT_ENV} | {"MMEBM_RUNS_DIR": str(tmp_path / "runs"),
+    env = {k: v for k, v in os.environ.items() if k != P.CUB_ROOT_ENV} | {"MMEBM_RUNS_DIR": str(tmp_path / "runs"),
                                                                          "MMEBM_DATA_DIR": str(tmp_path / "data")}
     res = tmp_path / "results"
     r = subprocess.run([str(Path(sys.executable).with_name("mmebm")), "reproduce", "--plan", str(tmp_path / "realcub.yaml"),
@@ -245,7 +245,7 @@ def test_figures_redraw_a_committed_folder_without_runs_or_data(tmp_path, monkey
     root = Path(__file__).resolve().parent.parent
     res = tmp_path / "smoke"; shutil.copytree(root / "results" / "smoke", res)
     monkeypatch.setenv("MMEBM_RUNS_DIR", str(tmp_path / "no-runs"))
-    monkeypatch.setattr(X, "NOTEBOOKS", X.NOTEBOOKS[:1])
+    monkeypatch.setattr(REP, "NOTEBOOKS", REP.NOTEBOOKS[:1])
     (res / "tables" / "main_table.csv").unlink()
     out = X.figures("smoke", res)
     assert out["notebooks"]["01_main_table"]["state"] == "ok", out["notebooks"]
