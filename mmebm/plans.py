@@ -22,13 +22,15 @@ def reproduce_dir() -> Path:
     "The repository's `reproduce/` folder: `$MMEBM_REPRODUCE_DIR`, else the one beside the package's source tree."
     d = Path(os.environ.get(REPRODUCE_ENV) or Path(__file__).resolve().parent.parent / "reproduce")
     if not (d / "profiles").is_dir():
-        raise FileNotFoundError(f"{d}: no reproduce/profiles here; run from a clone of the repository or set ${REPRODUCE_ENV}")
+        raise FileNotFoundError(f"{d}: no reproduce/profiles here; run from a clone of the repository or set "
+                                f"${REPRODUCE_ENV}")
     return d
 
 PLAN_KEYS = {"name", "description", "profile", "set", "main", "ablation_iterations", "ablations", "eval", "samples",
              "update_readme", "baselines", "cub", "weights", "chain", "expost"}
 CUB_KEYS = {"profile", "data", "iterations", "epochs", "set", "eval", "baselines"}
-CUB_ROOT_ENV = "MMEBM_CUB_ROOT"     # the real CUB (published layout or an imported cache) for plans whose `cub.data` is "real"
+# the real CUB (published layout or an imported cache) for plans whose `cub.data` is "real"
+CUB_ROOT_ENV = "MMEBM_CUB_ROOT"
 SWEEPS = ("K_x", "K_z", "noise_K_x")
 
 def load_plan(name_or_path: str) -> dict:
@@ -41,7 +43,8 @@ def load_plan(name_or_path: str) -> dict:
     plan = yaml.safe_load(p.read_text()) or {}
     if not isinstance(plan, dict): raise ValueError(f"{p}: a plan is a mapping of keys, not a {type(plan).__name__}")
     if set(plan) - PLAN_KEYS: raise ValueError(f"{p}: unknown plan keys {sorted(set(plan) - PLAN_KEYS)}")
-    if {"profile", "main"} - set(plan): raise ValueError(f"{p}: a plan needs `profile` and `main` (missing: {sorted({'profile', 'main'} - set(plan))})")
+    missing = sorted({"profile", "main"} - set(plan))
+    if missing: raise ValueError(f"{p}: a plan needs `profile` and `main` (missing: {missing})")
     unknown = set(plan.get("cub") or {}) - CUB_KEYS
     if unknown: raise ValueError(f"{p}: unknown cub keys {sorted(unknown)}; known: {sorted(CUB_KEYS)}")
     unknown = set(plan.get("ablations", {})) - set(SWEEPS) - {"latent", "inference"}
@@ -56,12 +59,12 @@ def load_plan(name_or_path: str) -> dict:
 # %% ../nbs/08a_plans.ipynb #5c19dc78
 @dataclass
 class RunSpec:
-    "One run of a plan: its role, its resolved config (ours or a baseline's), and how much evaluation it gets (None: none)."
+    "One run of a plan: its role, its resolved config (ours or a baseline's), how much evaluation it gets (None: none)."
     role: str
     cfg: Config | BaselineConfig
     evaluate: dict | None = None
     artefacts: bool = False
-    skip: str | None = None        # why this run cannot train here (e.g. the real CUB's folder not given): recorded, not raised
+    skip: str | None = None        # why it cannot train here (no real CUB folder, say): recorded, not raised
 
 def baseline_runs(plan: dict, base: Config) -> list[RunSpec]:
     """The plan's baseline runs (role `baseline-<key>`): same data, seed and device as ours, the iterations the plan
@@ -71,7 +74,8 @@ def baseline_runs(plan: dict, base: Config) -> list[RunSpec]:
     # `baselines.wall_clock` (optional): a second run of a baseline for about our main run's wall clock, when
     # `iterations` gives it the same number of epochs instead (role `baseline-<key>-wallclock`)
     budgets = [(f"baseline-{key}", f"{plan['name']}-{key}", key, n) for key, n in (b.get("iterations") or {}).items()]
-    budgets += [(f"baseline-{key}-wallclock", f"{plan['name']}-{key}-wallclock", key, n) for key, n in (b.get("wall_clock") or {}).items()]
+    budgets += [(f"baseline-{key}-wallclock", f"{plan['name']}-{key}-wallclock", key, n)
+                for key, n in (b.get("wall_clock") or {}).items()]
     return [RunSpec(role, baseline_profile(key, plan["profile"], name=name, iterations=int(n), epochs=None,
                                            data=base.data, data_seed=base.data_seed, data_limit=base.data_limit,
                                            seed=base.seed, device=base.device, **(b.get("set") or {}).get(key, {})),
@@ -90,8 +94,9 @@ def cub_data(plan: dict) -> str | None:
     if data in (None, "standin"): return None
     if data != "real": raise ValueError(f"cub.data must be 'standin' or 'real', not {data!r}")
     root = os.environ.get(CUB_ROOT_ENV)
-    if not root: raise FileNotFoundError(f"plan {plan['name']!r} trains on the real CUB: set ${CUB_ROOT_ENV} to its folder "
-                                         "(published layout, nbs/00b_cub) or use a plan whose cub.data is 'standin'")
+    if not root:
+        raise FileNotFoundError(f"plan {plan['name']!r} trains on the real CUB: set ${CUB_ROOT_ENV} to its folder "
+                                "(published layout, nbs/00b_cub) or use a plan whose cub.data is 'standin'")
     return root
 
 def cub_runs(plan: dict) -> list[RunSpec]:
@@ -105,8 +110,9 @@ def cub_runs(plan: dict) -> list[RunSpec]:
     # the baselines on the same data, with the same evaluation and sample figures, `cub.baselines.iterations`
     same = dict(data=data, data_seed=cfg.data_seed, data_limit=cfg.data_limit, seed=cfg.seed, device=cfg.device)
     return [RunSpec("cub", cfg, cub["eval"], artefacts=True, skip=skip)] + [
-        RunSpec(f"cub-baseline-{key}", baseline_profile(key, cub["profile"], name=f"{plan['name']}-cub-{key}", iterations=int(n),
-                                                       epochs=None, **same), cub["eval"], artefacts=True, skip=skip)
+        RunSpec(f"cub-baseline-{key}", baseline_profile(key, cub["profile"], name=f"{plan['name']}-cub-{key}",
+                                                       iterations=int(n), epochs=None, **same),
+                cub["eval"], artefacts=True, skip=skip)
         for key, n in ((cub.get("baselines") or {}).get("iterations") or {}).items()]
 
 def plan_runs(plan: dict) -> tuple[list[RunSpec], dict]:

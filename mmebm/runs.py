@@ -57,7 +57,8 @@ class RunKind:
 
 KINDS = (
     RunKind("ours", Config, Trainer, lambda saved: not baselines.is_baseline_config(saved),
-            lambda cfg: protocol_of(cfg).evaluate, {"polymnist": sample_artefacts, "image_caption": cub_sample_artefacts},
+            lambda cfg: protocol_of(cfg).evaluate,
+            {"polymnist": sample_artefacts, "image_caption": cub_sample_artefacts},
             options=lambda cfg: {"probe": training_probe(cfg)}),
     RunKind("baseline", BaselineConfig, baselines.BaselineTrainer, baselines.is_baseline_config,
             lambda cfg: baselines.evaluate_baseline,
@@ -93,7 +94,8 @@ def finished_in(run_dir, cfg) -> dict | None:
     kind = kind_of(cfg)
     if not kind.saved(yaml.safe_load((d / "config.yaml").read_text()) or {}): return None
     # saved configs are resolved (CUB: the modalities the data has), so compare with the resolved plan config
-    same = kind.trainer.read_config(d / "config.yaml").replace(max_minutes=None) == resolve_config(cfg).replace(max_minutes=None)
+    saved = kind.trainer.read_config(d / "config.yaml")
+    same = saved.replace(max_minutes=None) == resolve_config(cfg).replace(max_minutes=None)
     return status if status.get("state") == "completed" and same else None
 
 def train_run(spec: RunSpec, progress: bool = True) -> dict:
@@ -103,7 +105,9 @@ def train_run(spec: RunSpec, progress: bool = True) -> dict:
     if done: return done       # its status (and the revision that trained it) stand
     try:
         kind = kind_of(spec.cfg)
-        return kind.trainer.start(spec.cfg, run_dir_of(spec), resume=True, progress=progress, **kind.options(spec.cfg))[1]
+        _, status = kind.trainer.start(spec.cfg, run_dir_of(spec), resume=True, progress=progress,
+                                       **kind.options(spec.cfg))
+        return status
     except Exception as e:      # recorded, not fatal: the notebooks that need this run say it is missing
         return {"state": "error", "reason": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()}
 
@@ -148,7 +152,8 @@ def _train_in_worker(spec: RunSpec, threads: int, deadline: float | None) -> dic
     torch.set_num_threads(threads)
     if deadline is not None:
         left = (deadline - time.time()) / 60
-        if left <= 0 and not finished_status(spec): return {"state": "pending", "reason": "time budget of this call used up"}
+        if left <= 0 and not finished_status(spec):
+            return {"state": "pending", "reason": "time budget of this call used up"}
         spec = dataclasses.replace(spec, cfg=spec.cfg.replace(max_minutes=max(left, 1e-6)))
     return train_run(spec, progress=False)
 
@@ -158,11 +163,13 @@ def train_parallel(specs: Sequence[RunSpec], jobs: int, deadline: float | None =
     import concurrent.futures as cf, multiprocessing as mp
     threads, states = max(1, usable_cores() // jobs), {}
     say(f"training {len(specs)} runs, {jobs} at a time on {threads} thread(s) each")
-    with cf.ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn"), initializer=_die_with_parent) as pool:
+    spawn = mp.get_context("spawn")
+    with cf.ProcessPoolExecutor(max_workers=jobs, mp_context=spawn, initializer=_die_with_parent) as pool:
         futures = {pool.submit(_train_in_worker, s, threads, deadline): s for s in specs}
         for f in cf.as_completed(futures):
             s = futures[f]
             try: states[s.role] = f.result()
             except Exception as e: states[s.role] = {"state": "error", "reason": f"{type(e).__name__}: {e}"}
-            say(f"  {s.role}: {states[s.role]['state']} at {states[s.role].get('iteration')} ({len(states)}/{len(specs)})")
+            st = states[s.role]
+            say(f"  {s.role}: {st['state']} at {st.get('iteration')} ({len(states)}/{len(specs)})")
     return states
