@@ -31,9 +31,9 @@ def uncommitted_diff(results_dir, allow_dirty: bool = False) -> str | None:
     rev = git_revision()
     if not (rev and rev.endswith("+dirty") and Path(results_dir).resolve().is_relative_to(root)): return None
     if not allow_dirty:
-        raise ValueError(f"the source tree has uncommitted changes ({rev}) and the results go to {results_dir}: runs trained "
-                         "now could not be checked out by anyone. Commit first, or pass --allow-dirty (the diff is kept "
-                         "beside each run)")
+        raise ValueError(f"the source tree has uncommitted changes ({rev}) and the results go to {results_dir}: runs "
+                         "trained now could not be checked out by anyone. Commit first, or pass --allow-dirty (the diff "
+                         "is kept beside each run)")
     return subprocess.run(["git", "diff", "HEAD", "--", ":/", ":(top,exclude)results"], cwd=root, capture_output=True,
                           text=True, timeout=30).stdout
 
@@ -81,7 +81,8 @@ def reproduce(plan: str | dict, results_dir=None, progress: bool = True, noteboo
         states |= train_parallel(todo, jobs, deadline, say)
         for s in todo:
             if s.role in fresh and run_dir_of(s).is_dir(): atomic_write(run_dir_of(s) / "uncommitted.diff", diff)
-        unfinished = [s.role for s in todo if deadline is not None and states[s.role]["state"] in ("stopped", "pending")]
+        unfinished = [s.role for s in todo
+                      if deadline is not None and states[s.role]["state"] in ("stopped", "pending")]
         stage("training", t0)
     for i, spec in enumerate([] if parallel else specs, 1):
         if spec.role in keep:
@@ -91,8 +92,10 @@ def reproduce(plan: str | dict, results_dir=None, progress: bool = True, noteboo
         if deadline is not None:
             left = (deadline - t0) / 60
             if left <= 0 and unfinished and not finished_status(spec):
-                states[spec.role] = {"state": "pending", "reason": "time budget of this call used up"}; unfinished.append(spec.role); continue
-            spec = dataclasses.replace(spec, cfg=spec.cfg.replace(max_minutes=max(left, 1e-6)))  # a budget key: the same run
+                states[spec.role] = {"state": "pending", "reason": "time budget of this call used up"}
+                unfinished.append(spec.role); continue
+            # max_minutes is a budget key: the same run
+            spec = dataclasses.replace(spec, cfg=spec.cfg.replace(max_minutes=max(left, 1e-6)))
         budget = f"{spec.cfg.epochs} epochs" if spec.cfg.epochs else f"{spec.cfg.iterations} iterations"
         say(f"train {i}/{len(specs)}: {spec.role} ({budget}) -> {run_dir_of(spec)}")
         fresh = diff is not None and not finished_status(spec)
@@ -100,12 +103,13 @@ def reproduce(plan: str | dict, results_dir=None, progress: bool = True, noteboo
         if fresh and run_dir_of(spec).is_dir(): atomic_write(run_dir_of(spec) / "uncommitted.diff", diff)
         stage("training", t0)
         if deadline is not None and states[spec.role]["state"] == "stopped": unfinished.append(spec.role)
-        elif states[spec.role]["state"] not in ("completed", "stopped"): say(f"  {spec.role}: {states[spec.role]['state']}: {states[spec.role].get('reason')}")
+        elif states[spec.role]["state"] not in ("completed", "stopped"):
+            say(f"  {spec.role}: {states[spec.role]['state']}: {states[spec.role].get('reason')}")
     if unfinished:
         say(f"time budget of {max_minutes} min used: {len(unfinished)} runs unfinished ({', '.join(unfinished)}); "
             "call again to continue from their checkpoints")
-        return {"results_dir": str(results_dir), "runs": states, "notebooks": {}, "stages": stages | {"total": time.time() - t_all},
-                "incomplete": unfinished}
+        return {"results_dir": str(results_dir), "runs": states, "notebooks": {},
+                "stages": stages | {"total": time.time() - t_all}, "incomplete": unfinished}
     ok = lambda s: s.role not in keep and states[s.role]["state"] in ("completed", "stopped")
     for spec in (s for s in specs if s.evaluate is not None and ok(s)):
         t0 = time.time(); say(f"score {spec.role}")
@@ -121,7 +125,8 @@ def reproduce(plan: str | dict, results_dir=None, progress: bool = True, noteboo
         stage("samples", t0)
     for spec in (s for s in specs if s.role in (plan.get("expost") or {}).get("roles", []) and ok(s)):
         t0 = time.time(); say(f"ex-post sampler, {spec.role}")
-        try: expost_artefact(run_dir_of(spec), progress=progress, **{k: v for k, v in plan["expost"].items() if k != "roles"})
+        settings = {k: v for k, v in plan["expost"].items() if k != "roles"}
+        try: expost_artefact(run_dir_of(spec), progress=progress, **settings)
         except Exception as e:
             states[spec.role] |= {"state": "error", "reason": f"ex-post artefact failed: {type(e).__name__}: {e}"}
         stage("samples", t0)
@@ -145,10 +150,12 @@ def _finish(plan, results_dir, states, nb_states, stages, data_path, say, redraw
     root = reproduce_dir().parent
     write_index(plan, results_dir, states, nb_states, stages, data_path, keep_volatile=redraw)
     readme_updated = False
-    if plan.get("update_readme") and results_dir == (root / "results" / plan["name"]).resolve() and (results_dir / "tables" / "main_table.md").exists():
-        block = (f"Profile `{plan['name']}` ({states.get('main', {}).get('device', '?')}); regenerated by `make reproduce"
-                 + ("" if plan["name"] == "smoke" else f" PROFILE={plan['name']}") + f"`; provenance, figures and the other tables in "
-                 f"[results/{plan['name']}/](results/{plan['name']}/README.md).\n\n" + (results_dir / "tables" / "main_table.md").read_text())
+    table = results_dir / "tables" / "main_table.md"
+    if plan.get("update_readme") and results_dir == (root / "results" / plan["name"]).resolve() and table.exists():
+        name = plan["name"]
+        block = (f"Profile `{name}` ({states.get('main', {}).get('device', '?')}); regenerated by `make reproduce"
+                 + ("" if name == "smoke" else f" PROFILE={name}") + "`; provenance, figures and the other tables in "
+                 f"[results/{name}/](results/{name}/README.md).\n\n" + table.read_text())
         readme_updated = update_readme(root / "README.md", plan["name"], block)
     failed = [n for n, s in nb_states.items() if s["state"] != "ok"]
     say(f"done in {stages['total']:.0f} s; results in {results_dir}" + (f"; not produced: {failed}" if failed else "")
@@ -162,7 +169,8 @@ def figures(plan: str | dict, results_dir=None) -> dict:
     plan = load_plan(plan) if isinstance(plan, str) else plan
     results_dir = Path(results_dir or reproduce_dir().parent / "results" / plan["name"]).resolve()
     if not (results_dir / "runs.json").exists():
-        raise FileNotFoundError(f"{results_dir}: no runs.json to draw from; run `mmebm reproduce --profile {plan['name']}` first")
+        raise FileNotFoundError(f"{results_dir}: no runs.json to draw from; run `mmebm reproduce --profile "
+                                f"{plan['name']}` first")
     say = lambda msg: print(f"[figures {plan['name']}] {msg}", flush=True)
     t0 = time.time()
     # each run's status as the folder keeps it (the states of the invocation that trained it)

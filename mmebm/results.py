@@ -20,11 +20,12 @@ __all__ = ['SMALL_FILES', 'CAPTION_LINES', 'collect', 'kept_runs', 'held_status'
            'save_table', 'to_signed']
 
 # %% ../nbs/08d_results.ipynb #29655c14
-SMALL_FILES = ("config.yaml", "status.json", "log.csv", "metrics.json", "metrics.csv", "coherence_conditional_generator.csv",
-               "coherence_conditional_ebm.csv", "coherence_conditional_refiner.csv", "samples.npz", "uncommitted.diff",
-               "chain.json", "expost.json", "expost_samples.npz")
+SMALL_FILES = ("config.yaml", "status.json", "log.csv", "metrics.json", "metrics.csv",
+               "coherence_conditional_generator.csv", "coherence_conditional_ebm.csv", "coherence_conditional_refiner.csv",
+               "samples.npz", "uncommitted.diff", "chain.json", "expost.json", "expost_samples.npz")
 
-def collect(plan: dict, specs: list[RunSpec], sweeps: dict, states: dict, results_dir, keep: dict | None = None) -> Path:
+def collect(plan: dict, specs: list[RunSpec], sweeps: dict, states: dict, results_dir,
+            keep: dict | None = None) -> Path:
     """Copy each run's small files into results_dir/runs/<role>/ and write results_dir/runs.json. `keep` (from
     `kept_runs`): roles whose folder and index entry in results_dir stay as they are."""
     results_dir, keep = Path(results_dir), keep or {}
@@ -40,9 +41,9 @@ def collect(plan: dict, specs: list[RunSpec], sweeps: dict, states: dict, result
         # the plan's `weights` roles ship their three models (no optimiser state) so that a reader samples without
         # training: `mmebm sample results/<plan>/runs/<role>` (nbs/05c_sample)
         if spec.role in (plan.get("weights") or ()) and (src / "checkpoint.pt").exists(): export_weights(src, dst)
+        st = states.get(spec.role, {})
         index["runs"][spec.role] = {"run_dir": str(src), "config_hash": hash_of(spec), "evaluated": spec.evaluate is not None,
-                                    "state": states.get(spec.role, {}).get("state", "missing"),
-                                    "reason": states.get(spec.role, {}).get("reason")}
+                                    "state": st.get("state", "missing"), "reason": st.get("reason")}
     atomic_write(results_dir / "runs.json", json.dumps(index, indent=2, default=str) + "\n")
     return results_dir / "runs.json"
 
@@ -59,7 +60,8 @@ def kept_runs(specs: list[RunSpec], results_dir, only) -> dict:
         if s.role in only: continue
         r = held.get(s.role)
         if r is None or not (results_dir / "runs" / s.role).is_dir():
-            raise FileNotFoundError(f"run {s.role!r} is not in {results_dir}, so it cannot be kept: retrain it too (only=... {s.role})")
+            raise FileNotFoundError(f"run {s.role!r} is not in {results_dir}, so it cannot be kept: retrain it too "
+                                    f"(only=... {s.role})")
         if r["config_hash"] != hash_of(s):
             raise ValueError(f"run {s.role!r} in {results_dir} has config {r['config_hash']}, the plan asks for {hash_of(s)}: "
                              f"retrain it too (only=... {s.role})")
