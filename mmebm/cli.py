@@ -12,7 +12,7 @@ from . import data
 # %% auto #0
 __all__ = ['build_parser', 'main']
 
-# %% ../nbs/99_cli.ipynb #62b16cdf
+# %% ../nbs/99_cli.ipynb #4b11b58c
 def _data_build(a):
     if a.source in (None, "offline"):
         path = data.build_polymnist(a.cache_dir, a.seed, a.limit, download=a.download, force=a.force)
@@ -39,6 +39,7 @@ def _data_info(a):
         print(data.data_info(p) + ("\n  verified: every file matches its SHA-256" if a.verify else ""))
     return 0
 
+# %% ../nbs/99_cli.ipynb #a7b5f77c
 def _parse_set(pairs) -> dict:
     "KEY=VALUE pairs, values read as YAML scalars (numbers, true/false, null, strings)."
     out = {}
@@ -100,6 +101,7 @@ def _train(a):
               + (f" on {r.world} ranks" if r.world > 1 else "") + (f" ({status['reason']})" if status.get("reason") else ""))
     return 0 if status["state"] in ("completed", "stopped") else 3
 
+# %% ../nbs/99_cli.ipynb #471795e1
 def _bench(a):
     from mmebm import bench
     if a.compare:       # every fast-path switch side by side, at each thread count (bench.compare_switches)
@@ -120,6 +122,7 @@ def _bench(a):
         print(f"wrote {out} and {out.with_suffix('.txt')}")
     return 0
 
+# %% ../nbs/99_cli.ipynb #4bfdf730
 def _print_cub(res: dict, run) -> int:
     "The CUB scores, one line per section (a refused one with its reason)."
     fmt = lambda d: ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in d.items())
@@ -172,6 +175,7 @@ def _eval(a):
     print(f"wrote {Path(a.out or a.run) / 'metrics.json'}")
     return 0
 
+# %% ../nbs/99_cli.ipynb #16947fa5
 def _reproduce(a):
     from mmebm import experiments, plans
     if a.cub_root: os.environ[plans.CUB_ROOT_ENV] = str(Path(a.cub_root).expanduser().resolve())
@@ -203,6 +207,7 @@ def _upgrade_checkpoint(a):
         print(f"rewrote {train.upgrade_checkpoint(run, trust=a.trust)} (it now loads with weights_only=True)")
     return 0
 
+# %% ../nbs/99_cli.ipynb #ade7b044
 def build_parser() -> argparse.ArgumentParser:
     from mmebm.config import PROFILES
     p = argparse.ArgumentParser(prog="mmebm", description="Multimodal EBM with multimodal VAE via MCMC revision.")
@@ -318,6 +323,7 @@ def build_parser() -> argparse.ArgumentParser:
         q.add_argument("--device", default=None, help="auto, cpu or cuda")
     return p
 
+# %% ../nbs/99_cli.ipynb #a160009d
 def main(argv=None) -> int:
     "Run the command line; bad data is one line on stderr and exit status 2, not a traceback."
     args = build_parser().parse_args(argv)
