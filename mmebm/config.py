@@ -16,7 +16,7 @@ from .datasets import DATASETS       # the data sets a config may name (00c_data
 __all__ = ['CONFIG_RULES', 'BUDGET_KEYS', 'LATER_FIELDS', 'PROFILES', 'ConfigError', 'check_fields', 'one_of', 'Config',
            'config_hash', 'save_config', 'read_config_file', 'load_config', 'profile']
 
-# %% ../nbs/05a_config.ipynb #b17151fc
+# %% ../nbs/05a_config.ipynb #98df9977
 class ConfigError(ValueError):
     "A config value of the wrong type or outside its range: one line naming the key, the value and what it must be."
 
@@ -81,6 +81,7 @@ CONFIG_RULES = {
     "device": (lambda v: v in ("auto", "cpu") or v.startswith("cuda"), "auto, cpu or cuda[:N]"),
 }
 
+# %% ../nbs/05a_config.ipynb #05cd62e6
 @dataclass
 class Config:
     "Every hyper-parameter and ablation switch of a run (defaults: docs/method.md's paper settings)."
@@ -170,6 +171,7 @@ class Config:
         if unknown: raise ConfigError(f"unknown config keys: {sorted(unknown)}")
         return dataclasses.replace(self, **kw)
 
+# %% ../nbs/05a_config.ipynb #05359efc
 # Budget keys say how far a run goes, not what each iteration computes (nothing in training depends on the
 # total length), so they stay out of the run's identity: a longer budget continues the same run.
 BUDGET_KEYS = ("iterations", "epochs", "max_minutes", "checkpoint_every", "name", "diagnostics", "probe_every")

@@ -22,7 +22,7 @@ __all__ = ['runs_root', 'git_revision', 'threads_seen', 'cpuinfo_field', 'cpu_si
            'load_checkpoint_file', 'checked_checkpoint', 'run_checkpoint', 'same_config', 'upgrade_checkpoint', 'Stop',
            'RunLoop']
 
-# %% ../nbs/05e_loop.ipynb #d18cc969
+# %% ../nbs/05e_loop.ipynb #f29af634
 def runs_root() -> Path:
     return Path(os.environ.get("MMEBM_RUNS_DIR", "runs"))
 
@@ -61,6 +61,7 @@ def device_name(device: torch.device) -> str:
     if device.type == "cuda": return torch.cuda.get_device_name(device)
     return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
+# %% ../nbs/05e_loop.ipynb #c660ac27
 def _log_header(path: Path) -> list | None:
     "The columns of an existing log (runs logged before a column was added keep their own)."
     if not path.exists(): return None
@@ -80,6 +81,7 @@ def cut_log(path: Path, iteration: int, columns) -> list:
     atomic_write(path, buf.getvalue())
     return rows
 
+# %% ../nbs/05e_loop.ipynb #9fa55912
 def atomic_torch_save(obj, path: Path, keep_previous: bool = False):
     """torch.save into a temporary sibling, fsync, rename: a kill at any moment leaves the old checkpoint or the new.
     `keep_previous`: the file it replaces stays as `<name>.prev.pt` (`rundir.save_with_previous`: a trainer's

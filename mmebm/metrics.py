@@ -526,7 +526,7 @@ def generation_latency(model, n: int = 64, repeats: int = 3) -> dict:
             out[f"{name}_s_batch1"] = timed(lambda: model.sample(1, revised=revised))
     return out
 
-# %% ../nbs/06_metrics.ipynb #6b394184
+# %% ../nbs/06_metrics.ipynb #a34cc6a7
 def _flatten(d, prefix=""):
     for k, v in d.items():
         key = f"{prefix}{k}"
@@ -550,6 +550,7 @@ def classifier_set(data_path, classifiers: str | None = None, device="cpu", prog
     if classifiers: return load_published_classifiers(classifiers, data_path, device)
     return get_classifiers(data_path, device=device, progress=progress)
 
+# %% ../nbs/06_metrics.ipynb #c76c8a55
 def coherence_metrics(model, ds: PolyMNIST, clf: dict, n: int, kinds=KINDS, subsets: str = "all",
                       out_dir=None, progress: bool = True) -> dict:
     """Conditional coherence (every subset, or `subsets='single'` for the single sources only) and
@@ -575,6 +576,7 @@ def conditional_samples(model, ds: PolyMNIST, src: int, n: int, revised: bool = 
              for a in range(0, n, batch_size)]
     return [torch.cat(p) for p in zip(*parts)]
 
+# %% ../nbs/06_metrics.ipynb #803f9c6d
 def per_modality(extractor, M: int) -> list:
     "One feature extractor per modality: a list as given, or one extractor (Inception) for all M."
     return list(extractor) if isinstance(extractor, (list, tuple)) else [extractor] * M
@@ -615,6 +617,7 @@ def fid_metrics(model, ds: PolyMNIST, extractor, key: str, n: int, kinds=KINDS, 
     if also: out["at_n"] = {str(m): d for m, d in at.items()}
     return out
 
+# %% ../nbs/06_metrics.ipynb #edec0c75
 def cost_metrics(model, run_dir=None) -> dict:
     "Parameters, per-sample generation latency and (from the run's log) median training seconds per iteration."
     import pandas as pd
@@ -652,6 +655,7 @@ def inception_scores(n: int, weights: str | None, route: str, score) -> dict:
     except MetricUnavailable as e: return {"unavailable": str(e)}
     return {"route": route, "weights": "2015-12-05 Inception-v3 (pool3, 2048-d)"} | score(ext, f"inception-{route}")
 
+# %% ../nbs/06_metrics.ipynb #fbc7e204
 def write_metrics(run_dir, res: dict) -> dict:
     "metrics.json (nested) and metrics.csv (one flattened metric per row) into the run directory; returns `res`."
     import pandas as pd

@@ -84,7 +84,7 @@ def run_notebooks(results_dir, say=print) -> dict:
         if nb_states[name]["state"] == "failed": say(f"  {name} failed at cell {nb_states[name]['cell']}: {nb_states[name]['error']}")
     return nb_states
 
-# %% ../nbs/08e_report.ipynb #08dc24c5
+# %% ../nbs/08e_report.ipynb #9aefcd19
 def _md_link(p: Path, base: Path) -> str:
     return f"[{p.name}]({p.relative_to(base).as_posix()})"
 
@@ -99,6 +99,7 @@ def _reference_row(res: "RunResults", table: str, col: str) -> float | None:
     t = pd.read_csv(f); r = t[t["model"].astype(str).str.startswith("reference")]
     return float(r[col].iloc[0]) if len(r) and col in r and pd.notna(r[col].iloc[0]) else None
 
+# %% ../nbs/08e_report.ipynb #8923ae97
 def _coh(m, kind):
     return lookup(m, "coherence", f"conditional_{kind}", "single_source_mean")
 
@@ -227,6 +228,7 @@ def artefact_note(stem: str, res: "RunResults") -> str:
     except Exception: shows = None          # a note never stops the index; the figure is still listed
     return f": look for {a.look_for}" + (f"; this run: {shows}" if shows else "")
 
+# %% ../nbs/08e_report.ipynb #2a7ad7f0
 VOLATILE_ROWS = ("| revision |", "| wall time of this invocation |", "| finished |")
 
 def _previous_index(d: Path) -> tuple[dict, dict]:
