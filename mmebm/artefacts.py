@@ -25,7 +25,8 @@ def _u8(xs) -> np.ndarray:
     return np.stack([metrics.to_uint8(x.cpu()).numpy() for x in xs])
 
 @torch.no_grad()
-def sample_artefacts(run_dir, n_grid: int = 8, n_cross: int = 4, n_traj: int = 4, record_every: int = 1, seed: int = 0) -> Path:
+def sample_artefacts(run_dir, n_grid: int = 8, n_cross: int = 4, n_traj: int = 4, record_every: int = 1,
+                     seed: int = 0) -> Path:
     "Write `samples.npz` (sample grids and recorded chains) into a run directory; return its path."
     t = Trainer.load(run_dir)
     model, dev = t.model.eval(), t.device
@@ -42,11 +43,13 @@ def sample_artefacts(run_dir, n_grid: int = 8, n_cross: int = 4, n_traj: int = 4
                         ebm=_u8(chain.trajectory[-1]), cross=np.stack(cross),
                         traj_x=np.stack([_u8([s[:n_traj] for s in st]) for st in chain.trajectory]),
                         traj_x_energy=chain.energies[:, :n_traj].cpu().numpy(), traj_x_steps=np.array(chain.steps),
-                        traj_z=np.stack([_u8(d) for d in tr["z_decoded"]]), traj_z_energy=tr["z"].energies.cpu().numpy(),
+                        traj_z=np.stack([_u8(d) for d in tr["z_decoded"]]),
+                        traj_z_energy=tr["z"].energies.cpu().numpy(),
                         traj_z_steps=np.array(tr["z"].steps), iteration=t.iteration,
                         # the same conditional samples after K_x EBM steps on the missing modalities, the observed one
                         # clamped; drawn last, so that the arrays above stay what they were before it was added
-                        cross_revised=np.stack([_u8(model.revise_x(c, observed=[s]).samples) for s, c in enumerate(cross_x)]),
+                        cross_revised=np.stack([_u8(model.revise_x(c, observed=[s]).samples)
+                                                for s, c in enumerate(cross_x)]),
                         # what the revision changed, x~ - g(z) of the grid's chain in float16 (uint8 rounds away moves
                         # under 1/127.5); computed from the chain above, it draws no random numbers
                         revision_delta=np.stack([(b.float() - a.float()).numpy().astype(np.float16)
@@ -60,7 +63,8 @@ def latent_decodes(model, test, n_grid: int, n_fit: int = 500) -> dict:
     of the revised latents of the first n_grid test tuples themselves; none for a model without a N(0, I) prior."""
     if not metrics.has_gaussian_prior(model): return {}
     dev, z = metrics.model_device(model), metrics.revised_latents(model, test, n_fit)
-    sources = {"prior": model.generator.prior(n_grid), "gaussian_fit": metrics.fitted_gaussian(z, n_grid), "revised": z[:n_grid]}
+    sources = {"prior": model.generator.prior(n_grid), "gaussian_fit": metrics.fitted_gaussian(z, n_grid),
+               "revised": z[:n_grid]}
     return {f"latent_{k}": _u8(model.decode(v.to(dev))) for k, v in sources.items()}
 
 @torch.no_grad()
@@ -81,8 +85,10 @@ def cub_sample_artefacts(run_dir, n_grid: int = 8, seed: int = 0, load=Trainer.l
                labels=test.labels[:n_grid], iteration=t.iteration)
     for kind in metrics.kinds_of(model):
         g = cub_generations(model, test, n_grid, revised=kind != "generator")
-        out |= {f"{kind}_joint_image": metrics.to_uint8(g["joint_image"]).numpy(), f"{kind}_joint_caption": text(g["joint_caption"]),
-                f"{kind}_image_to_caption": text(g["image_to_caption"]), f"{kind}_caption_to_image": metrics.to_uint8(g["caption_to_image"]).numpy()}
+        out |= {f"{kind}_joint_image": metrics.to_uint8(g["joint_image"]).numpy(),
+                f"{kind}_joint_caption": text(g["joint_caption"]),
+                f"{kind}_image_to_caption": text(g["image_to_caption"]),
+                f"{kind}_caption_to_image": metrics.to_uint8(g["caption_to_image"]).numpy()}
     np.savez_compressed(Path(run_dir) / "samples.npz", **out)
     return Path(run_dir) / "samples.npz"
 
@@ -118,24 +124,27 @@ def chain_artefact(run_dir, steps=(0, 5, 30, 70), n: int = 500, n_inception: int
            "classifier": metrics.chain_length_effect(model, test, clf, n=n, steps=steps, seed=seed, floor=floor)}
     if n_inception:
         ext, route = metrics.inception_extractor()
-        out["inception"] = metrics.chain_length_effect(model, test, clf, n=n_inception, steps=steps, seed=seed, floor=floor,
-                                                       extractor=ext, key=f"inception-{route}") | {"route": route}
+        out["inception"] = metrics.chain_length_effect(model, test, clf, n=n_inception, steps=steps, seed=seed,
+                                                       floor=floor, extractor=ext, key=f"inception-{route}")
+        out["inception"]["route"] = route
     atomic_write(f, json.dumps(out, indent=1) + "\n")
     return f
 
 # %% ../nbs/08b_artefacts.ipynb #00a88fb4
 def expost_artefact(run_dir, n: int = 1000, n_fid: int = 500, n_fit: int = 2000, components: int = 10,
-                    n_inception: int = 0, seed: int = 0, n_grid: int = 8, progress: bool = True, floor: float | None = None) -> Path:
+                    n_inception: int = 0, seed: int = 0, n_grid: int = 8, progress: bool = True,
+                    floor: float | None = None) -> Path:
     """Write `expost.json` into a PolyMNIST run directory (ours or a baseline's): `metrics.expost_metrics` of a mixture
     fitted to the latents of n_fit training tuples, joint coherence of n draws, classifier FID at n_fid, Inception
     FID at n_inception (0: not computed, and said so); and `expost_samples.npz`, n_grid draws (uint8) and, for ours,
     the same draws after the EBM's revision. Reused when both exist with these settings and iteration."""
     run_dir = Path(run_dir)
-    settings = {"n": n, "n_fid": n_fid, "n_fit": n_fit, "components": components, "n_inception": n_inception, "seed": seed,
-                "n_grid": n_grid}
+    settings = {"n": n, "n_fid": n_fid, "n_fit": n_fit, "components": components, "n_inception": n_inception,
+                "seed": seed, "n_grid": n_grid}
     f, grid, status = run_dir / "expost.json", run_dir / "expost_samples.npz", read_json(run_dir / "status.json", {})
     old = read_json(f)
-    if old is not None and old.get("settings") == settings and old.get("iteration") == status.get("iteration") and grid.exists(): return f
+    if old is not None and old.get("settings") == settings and old.get("iteration") == status.get("iteration") \
+            and grid.exists(): return f
     base = baselines.is_baseline_config(read_config_file(run_dir / "config.yaml"))
     t = metrics.load_run(run_dir, baselines.BaselineTrainer.load if base else None)
     model = t.model.eval()
@@ -146,8 +155,9 @@ def expost_artefact(run_dir, n: int = 1000, n_fid: int = 500, n_fit: int = 2000,
         ext, route = metrics.inception_extractor()
         key = f"inception-{route}"
     ep = metrics.ExPost(model, train_ds, n_fit, components, seed)      # fitted once: scored, then drawn for the picture
-    res = metrics.expost_metrics(model, train_ds, test, clf, n=n, n_fid=n_fid, n_fit=n_fit, components=components, seed=seed,
-                                 extractor=ext, key=key or "inception", n_inception=n_inception, floor=floor, progress=progress, ep=ep)
+    res = metrics.expost_metrics(model, train_ds, test, clf, n=n, n_fid=n_fid, n_fit=n_fit, components=components,
+                                 seed=seed, extractor=ext, key=key or "inception", n_inception=n_inception, floor=floor,
+                                 progress=progress, ep=ep)
     if not n_inception: res["fid_inception"] = {"unavailable": "not requested (n_inception=0)"}
     # the picture: n_grid draws of the same mixture, and ours revised from the same draws
     torch.manual_seed(seed)
