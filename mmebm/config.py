@@ -211,13 +211,12 @@ PROFILES = {
     # the CPU profile that learns (see "Why the first smoke profile did not learn" below): the smoke widths, a latent of
     # 32, batch 64, a unit-variance likelihood, faster Adam (betas (0.5, 0.999), the paper's 3:1 ratio of lr_G to lr_I),
     # a latent step scaled to that likelihood (s_z = n_z = 0.2), a light pull of the EBM's revision on the generator
-    # (lambda_S = 0.5: the lever that makes the EBM move its chain, "What makes the EBM do work at CPU scale" below),
-    # the EBM's learning rate raised tenfold from iteration 200, once the generator is coherent (lr_E_late: the chain
-    # at 28x its noise floor and a revision that lowers FID, "A learnable gain, ..." below), and channels-last memory
-    # (the same numbers to float rounding, 1.3-1.5x faster on a CPU: results/bench)
+    # (lambda_S = 0.5: the lever that makes the EBM move its chain, "What makes the EBM do work at CPU scale" below) and
+    # channels-last memory (the same numbers to float rounding, 1.3-1.5x faster on a CPU: results/bench). Not the late
+    # EBM rate (lr_E_late): at this batch and length it diverged at iteration 1489 (results/lrE-late-1600)
     "cpu": dict(name="cpu", latent_dim=32, enc_width=16, enc_hidden=128, dec_width=16, ebm_width=16, ebm_feat=64,
                 ebm_hidden=128, batch_size=64, K_x=5, K_z=10, sigma=1.0, s_z=0.2, n_z=0.2, lambda_S=0.5, lr_G=3e-3,
-                lr_I=1e-3, betas=(0.5, 0.999), lr_E_late=1e-3, lr_E_late_at=200, channels_last=True, iterations=1600, checkpoint_every=100, probe_every=200),
+                lr_I=1e-3, betas=(0.5, 0.999), channels_last=True, iterations=1600, checkpoint_every=100, probe_every=200),
     # CUB (or its offline stand-in): a 64x64 image and a caption; the smoke settings otherwise
     "cub-smoke": dict(name="cub-smoke", dataset="cub", n_modalities=2, image_size=64, latent_dim=32, enc_width=16,
                       enc_hidden=128, dec_width=16, ebm_width=16, ebm_feat=64, ebm_hidden=128, batch_size=32, K_x=5,
