@@ -195,6 +195,10 @@ def test_killed_at_random_moments_and_resumed_equals_an_uninterrupted_run(case, 
         _same_run(tmp_path / "straight", run)
 
 
+# a minute of CI's 15-minute budget; in the default suite a killed run resuming exactly is
+# test_killed_at_random_moments_and_resumed_equals_an_uninterrupted_run[ours], chunked reproduce calls finishing the
+# plan exactly is test_reproduce.py::test_chained_time_boxed_calls_finish_the_plan_exactly
+@pytest.mark.slow
 def test_reproduce_in_killed_chunks_equals_one_go(tmp_path, env):
     "`mmebm reproduce --max-minutes` in chunks, some SIGKILLed: the main run ends as one uninterrupted run."
     plan = tmp_path / "chunks.yaml"
